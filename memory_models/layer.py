@@ -1,0 +1,94 @@
+"""The one stateful interface every memory mechanism implements.
+
+A memory layer maps `x: [B, T, D]` and an optional state to `(y: [B, T, D], new_state)`. Training
+carries the state across segments (truncated backprop), tuning sweeps `memory_size` and
+`forget_threshold`, serving keeps one state per client session; all three rely on this contract.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from memory_models.state import MemoryState
+
+
+class MemoryConfig(BaseModel):
+    """Fields every mechanism takes. Subclasses fix `kind` with a `Literal` and add their own.
+
+    `memory_size` and `forget_threshold` mean something different for each mechanism; each
+    subclass's docstring says what (and the README's mechanism table collects them).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: str
+    memory_size: int | None = Field(default=32, ge=1)
+    forget_threshold: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    def build(self, d_model: int) -> MemoryLayer:
+        """The layer this config describes, for inputs of width `d_model`."""
+        raise NotImplementedError(f"{type(self).__name__} must define build()")
+
+
+class MemoryLayer(nn.Module, ABC):
+    """Base class of all memory layers (see the module docstring for the contract)."""
+
+    config: MemoryConfig
+    #: The state type this layer produces; the contract tests use it.
+    state_type: ClassVar[type[MemoryState]]
+
+    def __init__(self, config: MemoryConfig, d_model: int) -> None:
+        super().__init__()
+        self.config = config
+        self.d_model = d_model
+
+    @abstractmethod
+    def init_state(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> MemoryState:
+        """The empty memory for `batch_size` new sequences."""
+
+    @abstractmethod
+    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+        """Fast path. `x: [B, T, D]`; `state=None` means `init_state`."""
+
+    @abstractmethod
+    def reference_forward(
+        self, x: Tensor, state: MemoryState | None = None
+    ) -> tuple[Tensor, MemoryState]:
+        """Slow, obviously correct per-timestep path with the same weights and semantics."""
+
+    @abstractmethod
+    def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of state held per sequence after `seq_len` tokens (equals the state's tensors)."""
+
+    def chunk_invariant(self) -> bool:
+        """True when any split of a sequence into chunks gives exactly the full pass's outputs.
+
+        False for mechanisms whose memory decisions happen at chunk boundaries (segment recurrence,
+        eviction by attention share); for those the fast path must equal `reference_forward` run
+        on the same chunks.
+        """
+        return True
+
+    def auxiliary_loss(self) -> Tensor | None:
+        """An extra training loss from the last forward (e.g. compressive reconstruction)."""
+        return None
+
+    def _state_or_init(self, x: Tensor, state: MemoryState | None) -> MemoryState:
+        if state is None:
+            return self.init_state(x.shape[0], x.device, x.dtype)
+        if state.batch_size != x.shape[0]:
+            raise ValueError(
+                f"state holds {state.batch_size} sequences but x has batch {x.shape[0]}; "
+                "stack or split states to match the batch"
+            )
+        return state

@@ -1,0 +1,147 @@
+"""`SequenceModel`: embedding -> N blocks of (norm + memory layer, norm + MLP) -> head.
+
+The memory layer of every block is built from one `memory` config picked by its `kind` tag, so the
+same model, trainer and server work for every mechanism in the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Self
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from memory_models.layer import MemoryLayer
+from memory_models.registry import AnyMemoryConfig
+from memory_models.state import MemoryState
+
+
+class SequenceModelConfig(BaseModel):
+    """The whole model: vocabulary, width, depth and the memory mechanism of every block."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    vocab_size: int = Field(ge=2)
+    d_model: int = Field(default=64, ge=8)
+    n_layers: int = Field(default=2, ge=1)
+    mlp_ratio: int = Field(default=4, ge=1)
+    memory: AnyMemoryConfig
+
+    def build(self) -> SequenceModel:
+        return SequenceModel(self)
+
+
+@dataclasses.dataclass
+class ModelState:
+    """One memory state per block; the same batch operations as a single `MemoryState`."""
+
+    layers: list[MemoryState]
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].batch_size
+
+    def detach(self) -> Self:
+        return ModelState([s.detach() for s in self.layers])
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Self:
+        return ModelState([s.to(device, dtype) for s in self.layers])
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.layers)
+
+    def nbytes_per_sequence(self) -> int:
+        return self.nbytes() // self.batch_size
+
+    def metrics(self) -> dict[str, float]:
+        """Per-layer memory metrics, keys prefixed `layer{i}/`."""
+        return {f"layer{i}/{k}": v for i, s in enumerate(self.layers) for k, v in s.metrics().items()}
+
+    @classmethod
+    def stack(cls, states: Sequence[ModelState]) -> ModelState:
+        per_layer = zip(*(s.layers for s in states), strict=True)
+        return cls([type(group[0]).stack(group) for group in per_layer])
+
+    def split(self, sizes: int | Sequence[int] = 1) -> list[ModelState]:
+        per_layer = [s.split(sizes) for s in self.layers]
+        return [ModelState(list(group)) for group in zip(*per_layer, strict=True)]
+
+    def select(self, index: Tensor) -> ModelState:
+        return ModelState([s.select(index) for s in self.layers])
+
+
+class Block(nn.Module):
+    def __init__(self, config: SequenceModelConfig) -> None:
+        super().__init__()
+        width = config.d_model
+        self.memory_norm = nn.RMSNorm(width)
+        self.memory: MemoryLayer = config.memory.build(width)
+        self.mlp_norm = nn.RMSNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, config.mlp_ratio * width),
+            nn.GELU(),
+            nn.Linear(config.mlp_ratio * width, width),
+        )
+
+    def forward(
+        self, x: Tensor, state: MemoryState | None, reference: bool = False
+    ) -> tuple[Tensor, MemoryState]:
+        run = self.memory.reference_forward if reference else self.memory
+        mixed, state = run(self.memory_norm(x), state)
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x)), state
+
+
+class SequenceModel(nn.Module):
+    """Token model over any memory mechanism: `forward(tokens, state) -> (logits, state)`."""
+
+    def __init__(self, config: SequenceModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.final_norm = nn.RMSNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head.weight = self.embedding.weight  # tied: fewer parameters, same quality here
+
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, dtype=torch.float32
+    ) -> ModelState:
+        return ModelState([b.memory.init_state(batch_size, device, dtype) for b in self.blocks])
+
+    def forward(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+        """`tokens: [B, T]` long -> `logits: [B, T, vocab]` and the advanced state."""
+        return self._run(tokens, state, reference=False)
+
+    def reference_forward(
+        self, tokens: Tensor, state: ModelState | None = None
+    ) -> tuple[Tensor, ModelState]:
+        """The same model through every layer's slow reference path."""
+        return self._run(tokens, state, reference=True)
+
+    def _run(
+        self, tokens: Tensor, state: ModelState | None, reference: bool
+    ) -> tuple[Tensor, ModelState]:
+        layer_states = state.layers if state is not None else [None] * len(self.blocks)
+        x = self.embedding(tokens)  # [B, T, D]
+        new_states = []
+        for block, layer_state in zip(self.blocks, layer_states, strict=True):
+            x, layer_state = block(x, layer_state, reference)
+            new_states.append(layer_state)
+        return self.head(self.final_norm(x)), ModelState(new_states)
+
+    def auxiliary_loss(self) -> Tensor | None:
+        """Sum of the memory layers' auxiliary losses from the last forward, if any."""
+        losses = [b.memory.auxiliary_loss() for b in self.blocks]
+        losses = [loss for loss in losses if loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        """Memory held per sequence after `seq_len` tokens, all blocks together."""
+        return sum(b.memory.state_size_bytes(seq_len, dtype) for b in self.blocks)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,1 @@
+"""memlab pipelines: data, training, tuning and the command-line tool."""

@@ -1,0 +1,71 @@
+"""`memlab`: the command-line entry point. Each subcommand is a thin shell over a pipeline stage."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="memlab",
+    help="Train, compare, tune and serve memory architectures for sequence models on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+
+
+@app.command()
+def zoo(
+    kinds: Annotated[
+        list[str] | None, typer.Option("--kind", "-k", help="Mechanism to include (repeatable).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens streamed per sequence.")] = 256,
+    segment_len: Annotated[int, typer.Option(min=1, help="Tokens per forward call.")] = 64,
+    d_model: Annotated[int, typer.Option(min=8)] = 64,
+    memory_size: Annotated[int, typer.Option(min=1)] = 32,
+) -> None:
+    """Build every registered mechanism, stream a batch through it in segments, compare costs."""
+    from pipelines.zoo import ZooSettings, run_zoo
+
+    settings = ZooSettings(
+        batch_size=batch_size,
+        seq_len=seq_len,
+        segment_len=segment_len,
+        d_model=d_model,
+        memory_size=memory_size,
+    )
+    table = Table(title=f"memlab zoo: B={batch_size}, T={seq_len} in segments of {segment_len}")
+    for column in ("mechanism", "parameters", "state bytes/seq", "live entries", "tokens/s"):
+        table.add_column(column, justify="left" if column == "mechanism" else "right")
+    with console.status("streaming through the zoo...") as status:
+
+        def show(row) -> None:
+            status.update(f"done {row.kind}; next...")
+            table.add_row(
+                row.kind,
+                f"{row.parameters:,}",
+                f"{row.state_bytes_per_sequence:,}",
+                f"{row.live_entries:.1f}",
+                f"{row.tokens_per_second:,.0f}",
+            )
+
+        try:
+            run_zoo(settings, kinds, on_done=show)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--kind") from error
+    console.print(table)
+
+
+@app.command()
+def run() -> None:
+    """The main job on the embedded default (local Ray, local MLflow). For now: the zoo smoke."""
+    zoo(kinds=None)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,229 @@
+"""The memory-layer contract, checked for every kind in the registry with no special cases.
+
+A new mechanism is covered by adding it to `memory_models.registry.REGISTRY`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from memory_models.layer import MemoryLayer
+from memory_models.model import SequenceModelConfig
+from memory_models.registry import REGISTRY, memory_config
+
+D_MODEL = 32
+MEMORY_SIZE = 8
+KINDS = list(REGISTRY)
+THRESHOLDS = [0.0, 0.3]
+UNEVEN_CHUNKS = [5, 1, 11, 16]  # 33 tokens
+
+
+def make_layer(kind: str, threshold: float = 0.0, dtype=torch.float64) -> MemoryLayer:
+    config = REGISTRY[kind](memory_size=MEMORY_SIZE, forget_threshold=threshold)
+    return config.build(D_MODEL).to(dtype)
+
+
+def run_chunks(forward, x, state, chunks):
+    outputs, start = [], 0
+    for size in chunks:
+        y, state = forward(x[:, start : start + size], state)
+        outputs.append(y)
+        start += size
+    return torch.cat(outputs, dim=1), state
+
+
+def assert_states_close(a, b, atol=1e-9):
+    assert type(a) is type(b)
+    for name, tensor in a.tensors().items():
+        other = b.tensors()[name]
+        assert tensor.shape == other.shape, name
+        if tensor.is_floating_point():
+            torch.testing.assert_close(tensor, other, atol=atol, rtol=0, msg=name)
+        else:
+            assert torch.equal(tensor, other), name
+
+
+def test_registry_is_explicit_and_consistent():
+    assert set(KINDS) == {
+        "lstm",
+        "gru",
+        "attention",
+        "transformer_xl",
+        "compressive",
+        "memory_network",
+        "dynamic_memory",
+    }
+    for kind, config_cls in REGISTRY.items():
+        config = config_cls()
+        assert config.kind == kind
+        layer = config.build(D_MODEL)
+        assert isinstance(layer, MemoryLayer)
+        assert isinstance(layer.init_state(2), layer.state_type)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shapes_dtypes_and_finite_gradients(kind):
+    layer = make_layer(kind, dtype=torch.float32)
+    x = torch.randn(3, 17, D_MODEL, requires_grad=True)
+    y, state = layer(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert isinstance(state, layer.state_type) and state.batch_size == 3
+    (y.square().mean() + (layer.auxiliary_loss() or 0)).backward()
+    assert torch.isfinite(x.grad).all()
+    grads = [p.grad for p in layer.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causal(kind):
+    layer = make_layer(kind)
+    x = torch.randn(2, 24, D_MODEL, dtype=torch.float64)
+    y, _ = layer(x)
+    for t in (0, 7, 22):
+        changed = x.clone()
+        changed[:, t + 1 :] = torch.randn_like(changed[:, t + 1 :])
+        y_changed, _ = layer(changed)
+        torch.testing.assert_close(y_changed[:, : t + 1], y[:, : t + 1], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_path_matches_reference_in_chunks(kind, threshold):
+    layer = make_layer(kind, threshold)
+    x = torch.randn(3, sum(UNEVEN_CHUNKS), D_MODEL, dtype=torch.float64, requires_grad=True)
+    y_fast, s_fast = run_chunks(layer, x, None, UNEVEN_CHUNKS)
+    y_ref, s_ref = run_chunks(layer.reference_forward, x, None, UNEVEN_CHUNKS)
+    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
+    assert_states_close(s_fast, s_ref)
+
+    weights = torch.randn_like(y_fast)
+    grads_fast = torch.autograd.grad((y_fast * weights).sum(), [x, *layer.parameters()],
+                                     allow_unused=True)
+    grads_ref = torch.autograd.grad((y_ref * weights).sum(), [x, *layer.parameters()],
+                                    allow_unused=True)
+    for g_fast, g_ref in zip(grads_fast, grads_ref, strict=True):
+        assert (g_fast is None) == (g_ref is None)
+        if g_fast is not None:
+            torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_equals_full_pass_when_chunk_invariant(kind, threshold):
+    layer = make_layer(kind, threshold)
+    if not layer.chunk_invariant():
+        pytest.skip(f"{kind} at threshold {threshold} decides at chunk ends; covered by reference")
+    x = torch.randn(3, sum(UNEVEN_CHUNKS), D_MODEL, dtype=torch.float64)
+    y_full, s_full = layer(x)
+    y_chunked, s_chunked = run_chunks(layer, x, None, UNEVEN_CHUNKS)
+    torch.testing.assert_close(y_chunked, y_full, atol=1e-9, rtol=0)
+    assert_states_close(s_chunked, s_full)
+
+
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_memory_never_exceeds_its_size(kind, threshold):
+    layer = make_layer(kind, threshold, dtype=torch.float32)
+    state = None
+    for chunk in (1, 7, 30, 3, 64):
+        with torch.no_grad():
+            _, state = layer(torch.randn(4, chunk, D_MODEL) * 3, state)
+        assert (state.live_entries() <= MEMORY_SIZE).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_size_bytes_matches_the_state(kind):
+    for threshold in THRESHOLDS:
+        layer = make_layer(kind, threshold, dtype=torch.float32)
+        for seq_len in (1, 5, 33):
+            with torch.no_grad():
+                _, state = run_chunks(layer, torch.randn(2, seq_len, D_MODEL), None, [seq_len])
+            predicted = layer.state_size_bytes(seq_len, torch.float32)
+            if threshold == 0.0:
+                assert predicted == state.nbytes_per_sequence(), (seq_len, threshold)
+            else:
+                assert predicted >= state.nbytes_per_sequence(), (seq_len, threshold)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stack_then_split_is_identity(kind):
+    layer = make_layer(kind)
+    states = []
+    for _ in range(3):
+        with torch.no_grad():
+            _, state = layer(torch.randn(1, 9, D_MODEL, dtype=torch.float64))
+        states.append(state)
+    stacked = layer.state_type.stack(states)
+    assert stacked.batch_size == 3
+    for original, back in zip(states, stacked.split(1), strict=True):
+        assert_states_close(original, back, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sessions_of_different_lengths_batch_together(kind):
+    """Serving stacks sessions that have seen different numbers of tokens into one forward."""
+    layer = make_layer(kind)
+    histories = [torch.randn(1, n, D_MODEL, dtype=torch.float64) for n in (3, 20, 11)]
+    with torch.no_grad():
+        states = [layer(h)[1] for h in histories]
+        step = torch.randn(3, 4, D_MODEL, dtype=torch.float64)
+        y_batched, _ = layer(step, layer.state_type.stack(states))
+        for i, state in enumerate(states):
+            y_alone, _ = layer(step[i : i + 1], state)
+            torch.testing.assert_close(y_batched[i : i + 1], y_alone, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_detach_and_to(kind):
+    layer = make_layer(kind, dtype=torch.float32)
+    x = torch.randn(2, 5, D_MODEL, requires_grad=True)
+    _, state = layer(x)
+    detached = state.detach()
+    assert not any(t.requires_grad for t in detached.tensors().values())
+    doubled = detached.to(dtype=torch.float64)
+    for name, tensor in doubled.tensors().items():
+        original = state.tensors()[name]
+        expected = torch.float64 if original.is_floating_point() else original.dtype
+        assert tensor.dtype == expected, name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_config_round_trips_through_json(kind):
+    config = SequenceModelConfig(
+        vocab_size=50, d_model=D_MODEL, memory={"kind": kind, "memory_size": 12}
+    )
+    again = SequenceModelConfig.model_validate_json(config.model_dump_json())
+    assert again == config and type(again.memory) is REGISTRY[kind]
+    assert memory_config(config.memory.model_dump()) == config.memory
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"memory_size": -4}, "memory_size"),
+        ({"memory_size": 0}, "memory_size"),
+        ({"forget_threshold": 1.0}, "forget_threshold"),
+        ({"forget_threshold": -0.1}, "forget_threshold"),
+        ({"memroy_size": 8}, "memroy_size"),
+    ],
+)
+def test_bad_configs_name_the_field(kind, override, field):
+    with pytest.raises(ValidationError) as error:
+        memory_config({"kind": kind, **override})
+    assert field in str(error.value)
+
+
+def test_unknown_kind_is_refused_with_the_known_ones():
+    with pytest.raises(ValidationError) as error:
+        memory_config({"kind": "hopfield"})
+    message = str(error.value)
+    assert "hopfield" in message and "lstm" in message
+
+
+def test_configs_are_frozen():
+    config = REGISTRY["lstm"]()
+    with pytest.raises(ValidationError):
+        config.memory_size = 3
