@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -59,6 +60,42 @@ def zoo(
         except ValueError as error:
             raise typer.BadParameter(str(error), param_hint="--kind") from error
     console.print(table)
+
+
+@app.command()
+def prep(
+    task: Annotated[
+        str | None,
+        typer.Option(help="Task kind: mqar, forgetting_mqar, copy, selective_copy or text."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--override", "-o", help="key=value into the data config, dotted (task.vocab_size=64)."
+        ),
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where prepared data is cached.")] = None,
+) -> None:
+    """Prepare a data set with Ray Data (or reuse the cache); print where it went and its size."""
+    from pipelines.data import DataError
+    from pipelines.data.build import build_datasets
+    from pipelines.data.config import config_from_overrides
+
+    try:
+        config = config_from_overrides(task, overrides, cache_dir)
+        with console.status("preparing data...") as status:
+            prepared = build_datasets(config, progress=status.update)
+    except DataError as error:
+        raise typer.BadParameter(str(error), param_hint="--task/--override") from error
+    meta = prepared.metadata
+    state = "reused from cache" if prepared.cached else "written"
+    console.print(f"[bold]{config.task.kind}[/bold] data {state} at {prepared.path}")
+    console.print(
+        f"train {meta.train_rows:,} rows x {meta.train_seq_len} tokens, "
+        f"test {meta.test_rows:,} rows x {meta.test_seq_len} tokens "
+        f"({meta.dropped_test_rows:,} test rows dropped as repeats of training rows), "
+        f"vocabulary {meta.vocab_size:,}, {meta.bytes:,} bytes on disk"
+    )
 
 
 @app.command()

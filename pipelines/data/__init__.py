@@ -1,0 +1,10 @@
+"""Data preparation: synthetic memory tasks and byte-level text, prepared with Ray Data.
+
+Pure generators live in `tasks/` and `text.py`; `build.py` is the one place that calls Ray.
+"""
+
+from pipelines.data.config import DataConfig, parse_data_config
+from pipelines.data.errors import DataError
+from pipelines.data.tbptt import Segment, segments
+
+__all__ = ["DataConfig", "DataError", "Segment", "parse_data_config", "segments"]

@@ -1,0 +1,296 @@
+"""Typed, frozen settings for data preparation: one task config per `kind`, one DataConfig on top.
+
+Configs only hold and check values; the generators in `tasks/` and `text.py` read them.
+Checks are explicit (`check()`) rather than pydantic constraints so that every impossible setting
+raises a `DataError` that names the parameter and the fix, before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.data.errors import DataError
+
+# Zoology's figure-2 grid: (seq_len, num_kv_pairs) at vocabulary 8192.
+ZOOLOGY_VOCAB = 8192
+
+
+class Strict(BaseModel):
+    """Frozen and strict: a typo in a key fails at once instead of being ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise DataError(message)
+
+
+class RecallPart(Strict):
+    """One length bucket of an associative-recall mixture: rows of `seq_len` with `num_kv_pairs`."""
+
+    seq_len: int
+    num_kv_pairs: int
+
+
+ZOOLOGY_GRID = (
+    RecallPart(seq_len=64, num_kv_pairs=4),
+    RecallPart(seq_len=128, num_kv_pairs=8),
+    RecallPart(seq_len=256, num_kv_pairs=16),
+)
+
+
+class MQARTask(Strict):
+    """Zoology's multi-query associative recall; `parts` is the length mixture of the train set.
+
+    `test_parts=None` tests on the training mixture; give longer parts to test extrapolation.
+    """
+
+    kind: Literal["mqar"] = "mqar"
+    vocab_size: int = ZOOLOGY_VOCAB
+    power_a: float = 0.01
+    random_non_queries: bool = True
+    parts: tuple[RecallPart, ...] = ZOOLOGY_GRID
+    test_parts: tuple[RecallPart, ...] | None = None
+
+    @property
+    def row_width(self) -> int:
+        """Tokens per row: the longest part; shorter parts are padded to it."""
+        return max(part.seq_len for part in self.parts)
+
+    def context_pairs(self, part: RecallPart) -> int:
+        """Key-value slots written before the queries start."""
+        return part.num_kv_pairs
+
+    def check(self) -> None:
+        _require(self.power_a > 0, f"task.power_a={self.power_a} must be > 0 (1.0 is uniform)")
+        for name, parts in (("parts", self.parts), ("test_parts", self.test_parts or self.parts)):
+            _require(len(parts) > 0, f"task.{name} is empty: give at least one (seq_len, pairs)")
+            for part in parts:
+                self._check_part(name, part)
+
+    def _check_part(self, name: str, part: RecallPart) -> None:
+        where = f"task.{name} entry (seq_len={part.seq_len}, num_kv_pairs={part.num_kv_pairs})"
+        _require(part.num_kv_pairs >= 1, f"{where}: num_kv_pairs must be >= 1")
+        _require(part.seq_len % 2 == 0, f"{where}: seq_len must be even (Zoology's constraint)")
+        need = 2 * self.context_pairs(part) + 2 * part.num_kv_pairs
+        _require(
+            part.seq_len >= need,
+            f"{where}: seq_len must be >= {need} to hold the pairs and one query per key; "
+            "raise seq_len or lower num_kv_pairs",
+        )
+        _require(
+            self.vocab_size > part.seq_len,
+            f"task.vocab_size={self.vocab_size} must exceed seq_len={part.seq_len} "
+            "(Zoology's constraint); raise vocab_size",
+        )
+
+    def test_task(self) -> MQARTask:
+        """The same task with the test mixture in `parts`, which is what the generator reads."""
+        return self.model_copy(update={"parts": self.test_parts or self.parts})
+
+
+class ForgettingMQARTask(MQARTask):
+    """MQAR where `num_updates` keys are re-assigned a new value; the answer is the latest one."""
+
+    kind: Literal["forgetting_mqar"] = "forgetting_mqar"  # type: ignore[assignment]
+    num_updates: int = 2
+
+    def context_pairs(self, part: RecallPart) -> int:
+        return part.num_kv_pairs + self.num_updates
+
+    def _check_part(self, name: str, part: RecallPart) -> None:
+        _require(self.num_updates >= 0, f"task.num_updates={self.num_updates} must be >= 0")
+        _require(
+            self.num_updates <= part.num_kv_pairs,
+            f"task.num_updates={self.num_updates} exceeds num_kv_pairs={part.num_kv_pairs} in "
+            f"task.{name}: lower num_updates (each update re-assigns a distinct key)",
+        )
+        super()._check_part(name, part)
+
+
+class CopyTask(Strict):
+    """NTM copy: random `width`-bit vectors (one token each), a delimiter, then reproduce them.
+
+    Tokens: 0 pad, 1 delimiter, 2 blank, 3 + vector value; so the vocabulary is 2**width + 3.
+    """
+
+    kind: Literal["copy"] = "copy"
+    width: int = 8
+    lengths: tuple[int, ...] = tuple(range(1, 21))
+    test_lengths: tuple[int, ...] | None = (40, 80)
+
+    @property
+    def vocab_size(self) -> int:
+        return 2**self.width + 3
+
+    @property
+    def row_width(self) -> int:
+        """Tokens per row: twice the longest length (vectors, then answers); shorter padded."""
+        return 2 * max(self.lengths)
+
+    def check(self) -> None:
+        _require(1 <= self.width <= 16, f"task.width={self.width} must be in [1, 16] bits")
+        for name, lengths in (("lengths", self.lengths), ("test_lengths", self.test_lengths)):
+            lengths = lengths if lengths is not None else self.lengths
+            _require(len(lengths) > 0, f"task.{name} is empty: give at least one length")
+            bad = [length for length in lengths if length < 1]
+            _require(not bad, f"task.{name} has lengths {bad}: every length must be >= 1")
+
+    def test_task(self) -> CopyTask:
+        return self.model_copy(update={"lengths": self.test_lengths or self.lengths})
+
+
+class SelectivePart(Strict):
+    """One bucket of selective copying: `num_tokens` to remember inside rows of `seq_len`."""
+
+    seq_len: int
+    num_tokens: int
+
+
+class SelectiveCopyTask(Strict):
+    """Selective copying (Mamba, Gu & Dao 2023): tokens scattered among noise, reproduce in order.
+
+    Tokens: 0 pad, 1 noise, 2 delimiter, 3 blank, data tokens from [4, vocab_size).
+    """
+
+    kind: Literal["selective_copy"] = "selective_copy"
+    vocab_size: int = 20
+    parts: tuple[SelectivePart, ...] = (SelectivePart(seq_len=256, num_tokens=16),)
+    test_parts: tuple[SelectivePart, ...] | None = None
+
+    @property
+    def row_width(self) -> int:
+        """Tokens per row: the longest part; shorter parts are padded to it."""
+        return max(part.seq_len for part in self.parts)
+
+    def check(self) -> None:
+        _require(
+            self.vocab_size >= 5,
+            f"task.vocab_size={self.vocab_size} must be >= 5 (4 reserved tokens + data tokens)",
+        )
+        for name, parts in (("parts", self.parts), ("test_parts", self.test_parts or self.parts)):
+            _require(len(parts) > 0, f"task.{name} is empty: give at least one (seq_len, tokens)")
+            for part in parts:
+                where = f"task.{name} entry (seq_len={part.seq_len}, num_tokens={part.num_tokens})"
+                _require(part.num_tokens >= 1, f"{where}: num_tokens must be >= 1")
+                _require(
+                    part.seq_len >= 2 * part.num_tokens,
+                    f"{where}: seq_len must be >= 2 * num_tokens = {2 * part.num_tokens} "
+                    "(the tokens, then as many answer slots); raise seq_len",
+                )
+
+    def test_task(self) -> SelectiveCopyTask:
+        return self.model_copy(update={"parts": self.test_parts or self.parts})
+
+
+class TextTask(Strict):
+    """Byte-level language modelling on local text, laid out as streams for truncated backprop.
+
+    The corpus is `files` (a glob), or `hf_path` (a `datasets` data set saved with
+    `save_to_disk`, column `text_column`), or by default the Python standard library's sources.
+    Each row holds `stream_len + 1` consecutive bytes; training cuts rows into segments.
+    """
+
+    kind: Literal["text"] = "text"
+    files: str | None = None
+    hf_path: Path | None = None
+    hf_split: str = "train"
+    text_column: str = "text"
+    stream_len: int = 512
+    max_bytes: int = 8_000_000
+    validation_fraction: float = 0.05
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    @property
+    def row_width(self) -> int:
+        return self.stream_len
+
+    def check(self) -> None:
+        _require(
+            self.files is None or self.hf_path is None,
+            "task.files and task.hf_path are both set: choose one corpus",
+        )
+        _require(self.stream_len >= 1, f"task.stream_len={self.stream_len} must be >= 1")
+        _require(self.max_bytes >= 2, f"task.max_bytes={self.max_bytes} must be >= 2")
+        _require(
+            0 < self.validation_fraction < 1,
+            f"task.validation_fraction={self.validation_fraction} must be in (0, 1)",
+        )
+
+
+TaskConfig = Annotated[
+    MQARTask | ForgettingMQARTask | CopyTask | SelectiveCopyTask | TextTask,
+    Field(discriminator="kind"),
+]
+SyntheticTask = MQARTask | ForgettingMQARTask | CopyTask | SelectiveCopyTask
+
+
+class DataConfig(Strict):
+    """Everything that decides the prepared data; its JSON (less `cache_dir`) keys the cache.
+
+    `num_train_examples`/`num_test_examples` size the synthetic tasks; a text corpus is sized by
+    `task.max_bytes`. `blocks` is the number of parallel generation tasks, each with its own seed.
+    """
+
+    task: TaskConfig = Field(default_factory=MQARTask)
+    cache_dir: Path = Path("memlab_runs/data")
+    num_train_examples: int = 100_000
+    num_test_examples: int = 3_000
+    seed: int = 0
+    blocks: int = 8
+
+    def check(self) -> None:
+        _require(self.seed >= 0, f"seed={self.seed} must be >= 0")
+        _require(self.blocks >= 1, f"blocks={self.blocks} must be >= 1")
+        for name in ("num_train_examples", "num_test_examples"):
+            count = getattr(self, name)
+            _require(count >= 1, f"{name}={count} must be >= 1")
+        self.task.check()
+
+
+def parse_data_config(raw: dict[str, Any]) -> DataConfig:
+    """Validate a plain dict (from the CLI or across a Ray boundary) into a checked DataConfig."""
+    try:
+        config = DataConfig.model_validate(raw)
+    except ValidationError as error:
+        raise DataError(f"invalid data config: {error}") from error
+    config.check()
+    return config
+
+
+def config_from_overrides(
+    kind: str | None = None, overrides: list[str] | None = None, cache_dir: Path | None = None
+) -> DataConfig:
+    """A checked DataConfig from `key=value` strings with dotted paths (`task.vocab_size=64`).
+
+    Values are read as JSON when they parse (numbers, lists, objects), else as plain strings.
+    The task kind defaults to MQAR, as in `DataConfig()`.
+    """
+    raw: dict[str, Any] = {"task": {"kind": kind or MQARTask().kind}}
+    if cache_dir is not None:
+        raw["cache_dir"] = str(cache_dir)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DataError(f"override {item!r} is not key=value: write e.g. task.vocab_size=64")
+        *parents, leaf = key.split(".")
+        node = raw
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = _parse_value(value)
+    return parse_data_config(raw)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

@@ -1,0 +1,127 @@
+"""`build_datasets` on a real local Ray: Parquet cache, reuse, disjoint test sets, text streams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.data import DataError
+from pipelines.data.build import MANIFEST, build_datasets
+from pipelines.data.config import CopyTask, DataConfig, MQARTask, RecallPart, TextTask
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+def _rows(dataset) -> set[tuple[bytes, bytes]]:
+    batch = dataset.to_pandas()
+    return {
+        (np.asarray(i, np.int64).tobytes(), np.asarray(t, np.int64).tobytes())
+        for i, t in zip(batch["inputs"], batch["targets"], strict=True)
+    }
+
+
+def _parquet_mtimes(path: Path) -> dict[Path, int]:
+    return {file: file.stat().st_mtime_ns for file in path.rglob("*.parquet")}
+
+
+def test_synthetic_data_is_written_once_and_reused(ray_local, tmp_path):
+    task = MQARTask(
+        vocab_size=64,
+        parts=(RecallPart(seq_len=16, num_kv_pairs=2), RecallPart(seq_len=32, num_kv_pairs=4)),
+        test_parts=(RecallPart(seq_len=48, num_kv_pairs=4),),
+    )
+    config = DataConfig(
+        task=task, cache_dir=tmp_path, num_train_examples=90, num_test_examples=20, blocks=3
+    )
+    first = build_datasets(config)
+    assert not first.cached and first.path.parent == tmp_path
+    assert (first.path / MANIFEST).is_file() and not list(tmp_path.glob(".tmp-*"))
+    assert first.metadata.train_rows == first.train.count() == 90
+    assert first.metadata.test_rows == first.test.count() == 20
+    assert (first.metadata.train_seq_len, first.metadata.test_seq_len) == (32, 48)
+    batch = next(iter(first.train.iter_torch_batches(batch_size=8)))
+    assert batch["inputs"].shape == batch["targets"].shape == (8, 32)
+    assert str(batch["inputs"].dtype) == "torch.int64"
+    assert first.vocab_size == 64
+
+    before = _parquet_mtimes(first.path)
+    again = build_datasets(config)
+    assert again.cached and again.path == first.path
+    assert _parquet_mtimes(again.path) == before, "the second call generated nothing"
+    assert _rows(again.train) == _rows(first.train)
+
+
+def test_test_rows_never_repeat_training_rows(ray_local, tmp_path):
+    # 4 keys x 5 values, one query slot: 20 possible rows, so duplicates are certain.
+    task = MQARTask(
+        vocab_size=10, random_non_queries=False, parts=(RecallPart(seq_len=4, num_kv_pairs=1),)
+    )
+    config = DataConfig(
+        task=task, cache_dir=tmp_path, num_train_examples=12, num_test_examples=30, blocks=2
+    )
+    prepared = build_datasets(config)
+    assert prepared.metadata.dropped_test_rows > 0
+    assert prepared.metadata.test_rows == 30 - prepared.metadata.dropped_test_rows
+    assert not _rows(prepared.train) & _rows(prepared.test)
+
+
+def test_a_failed_build_leaves_no_cache_behind(ray_local, tmp_path):
+    # 2 keys x 3 values: every test row also occurs among 60 training rows.
+    task = MQARTask(
+        vocab_size=6, random_non_queries=False, parts=(RecallPart(seq_len=4, num_kv_pairs=1),)
+    )
+    config = DataConfig(
+        task=task, cache_dir=tmp_path, num_train_examples=60, num_test_examples=5, blocks=1
+    )
+    with pytest.raises(DataError, match="every test row"):
+        build_datasets(config)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_copy_task_trains_short_and_tests_long(ray_local, tmp_path):
+    config = DataConfig(
+        task=CopyTask(width=4, lengths=(1, 2, 3), test_lengths=(6,)),
+        cache_dir=tmp_path,
+        num_train_examples=30,
+        num_test_examples=6,
+        blocks=2,
+    )
+    prepared = build_datasets(config)
+    assert prepared.test.take(1)[0]["length"] == 6
+    assert (prepared.metadata.train_seq_len, prepared.metadata.test_seq_len) == (6, 12)
+
+
+def test_text_streams_from_local_files(ray_local, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index in range(6):
+        (corpus / f"{index}.txt").write_bytes(bytes([65 + index]) * 200)
+    task = TextTask(files=str(corpus / "*.txt"), stream_len=16, validation_fraction=0.2)
+    config = DataConfig(task=task, cache_dir=tmp_path / "cache", blocks=3)
+    prepared = build_datasets(config)
+    assert prepared.vocab_size == 256
+    train = prepared.train.to_pandas().sort_values("position")
+    inputs = np.stack(train["inputs"].to_numpy())
+    targets = np.stack(train["targets"].to_numpy())
+    assert len(train) == (5 * 200 - 1) // 16
+    assert np.array_equal(targets[:-1, -1], inputs[1:, 0]), "rows continue one stream"
+    train_letters = set(np.unique(inputs).tolist())
+    test_letters = set(np.unique(np.stack(prepared.test.to_pandas()["inputs"].to_numpy())).tolist())
+    assert len(test_letters) == 1 and not train_letters & test_letters, "split by document"
+
+
+def test_prep_command_reports_where_the_data_went(ray_local, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    args = ["prep", "--task", "copy", "--cache-dir", str(tmp_path)]
+    args += ["-o", "task.lengths=[1,2]", "-o", "task.test_lengths=[4]", "-o", "blocks=1"]
+    args += ["-o", "num_train_examples=20", "-o", "num_test_examples=4"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "written at" in first.output and str(tmp_path) in first.output
+    second = CliRunner().invoke(app, args)
+    assert "reused from cache" in second.output and "train 20 rows" in second.output
