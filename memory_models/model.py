@@ -47,7 +47,9 @@ class ModelState:
     def detach(self) -> Self:
         return ModelState([s.detach() for s in self.layers])
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Self:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Self:
         return ModelState([s.to(device, dtype) for s in self.layers])
 
     def nbytes(self) -> int:
@@ -58,7 +60,9 @@ class ModelState:
 
     def metrics(self) -> dict[str, float]:
         """Per-layer memory metrics, keys prefixed `layer{i}/`."""
-        return {f"layer{i}/{k}": v for i, s in enumerate(self.layers) for k, v in s.metrics().items()}
+        return {
+            f"layer{i}/{k}": v for i, s in enumerate(self.layers) for k, v in s.metrics().items()
+        }
 
     @classmethod
     def stack(cls, states: Sequence[ModelState]) -> ModelState:
@@ -106,6 +110,8 @@ class SequenceModel(nn.Module):
         self.final_norm = nn.RMSNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.embedding.weight  # tied: fewer parameters, same quality here
+        # Unit-variance embeddings would make the tied head's logits grow with sqrt(d_model).
+        nn.init.normal_(self.embedding.weight, std=config.d_model**-0.5)
 
     def init_state(
         self, batch_size: int, device: torch.device | str | None = None, dtype=torch.float32
@@ -145,3 +151,15 @@ class SequenceModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class LogitsOnly(nn.Module):
+    """A `SequenceModel` seen as `tokens -> logits` from empty memory: the one-tensor view MLflow's
+    model signature and `predict` expect. `.model` is the full stateful model."""
+
+    def __init__(self, model: SequenceModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens)[0]

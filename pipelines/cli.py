@@ -99,6 +99,62 @@ def prep(
 
 
 @app.command()
+def train(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Dotted overrides: model.memory.memory_size=64 train.lr=1e-3"),
+    ] = None,
+    recipe: Annotated[
+        str, typer.Option("--recipe", "-r", help="Starting config; see `memlab recipes`.")
+    ] = "debug-gru",
+    name: Annotated[
+        str | None, typer.Option(help="Run name; the same name resumes that run.")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address; default: a local Ray.")
+    ] = None,
+) -> None:
+    """Train one model with Ray Train from a recipe plus overrides; logs to MLflow."""
+    from pipelines.experiment import OverrideError, apply_overrides
+    from pipelines.recipes import recipe as load_recipe
+
+    try:
+        config = apply_overrides(load_recipe(recipe), list(overrides or []))
+        if name:
+            config = apply_overrides(config, {"run.name": name})
+        config.data.check()
+    except (OverrideError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="OVERRIDES/--recipe") from error
+    from pipelines.train.driver import TrainingError
+    from pipelines.train.session import run_training
+
+    try:
+        outcome = run_training(config, ray_address=ray_address, console=console)
+    except TrainingError as error:
+        console.print(f"[bold red]error:[/bold red] {error}")
+        raise typer.Exit(1) from None
+    shown = {k: round(v, 4) for k, v in outcome.metrics.items() if k.startswith("val_")}
+    console.print(
+        f"[bold green]done[/bold green] {config.run_name}: {shown}\n"
+        f"MLflow run {outcome.run_id} ({config.tracking.resolved_uri()})\n"
+        f"checkpoint {outcome.checkpoint_path}\nmodel {outcome.model_uri}"
+    )
+
+
+@app.command()
+def recipes() -> None:
+    """List the recipes `memlab train --recipe` and `memlab tune --recipe` start from."""
+    from pipelines.recipes import RECIPES
+
+    for recipe_name, make in sorted(RECIPES.items()):
+        config = make()
+        console.print(
+            f"{recipe_name:24} {config.model.memory.kind:15} task={config.data.task.kind} "
+            f"epochs={config.train.epochs} workers={config.scaling.num_workers}"
+        )
+
+
+@app.command()
 def run() -> None:
     """The main job on the embedded default (local Ray, local MLflow). For now: the zoo smoke."""
     zoo(kinds=None)

@@ -1,0 +1,149 @@
+"""`train(config)`: data -> MLflow run -> TorchTrainer.fit -> logged model and plot.
+
+The same function is a Tune trial's body (pipelines/tune), so everything a sweep needs per trial
+(run name from the trial, a parent MLflow run, metrics callback) comes in through arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import ray
+import ray.train
+import torch
+from mlflow.models import infer_signature
+from ray.train.torch import TorchTrainer
+
+from memory_models.model import LogitsOnly
+from pipelines.data.build import PreparedData, build_datasets
+from pipelines.experiment import ExperimentConfig
+from pipelines.train import plots
+from pipelines.train.tracking import client_for, metric_history, open_run, retrying
+from pipelines.train.worker import load_model, train_worker
+
+
+class TrainingError(RuntimeError):
+    """A run that failed after its retries; the MLflow run and checkpoints are kept for resume."""
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run_id: str
+    metrics: dict[str, float]
+    checkpoint_path: str
+    model_uri: str
+    resumed: bool
+
+
+def train(
+    config: ExperimentConfig,
+    *,
+    parent_run_id: str | None = None,
+    callbacks: list[Any] | None = None,
+    data: PreparedData | None = None,
+    on_run_started: Callable[[str], None] | None = None,
+) -> TrainOutcome:
+    """Train `config` with Ray Train; `on_run_started(run_id)` fires once the MLflow run exists."""
+    config = _absolute_paths(config)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the run has its own
+    _refuse_local_store_on_a_cluster(config)
+    data = data or build_datasets(config.data)
+    run_id, resumed = open_run(config, parent_run_id)
+    if on_run_started is not None:
+        on_run_started(run_id)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "experiment": config.model_dump(mode="json"),
+            "run_id": run_id,
+            "tracking_uri": config.tracking.resolved_uri(),
+            "train_rows": data.metadata.train_rows,
+        },
+        scaling_config=_scaling(config),
+        run_config=ray.train.RunConfig(
+            name=config.run_name,
+            storage_path=str(config.run.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+        datasets=data.datasets(),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    client = client_for(config.tracking.resolved_uri())
+    try:
+        result = trainer.fit()
+    except Exception as error:
+        retrying(lambda: client.set_terminated(run_id, status="FAILED"))
+        raise TrainingError(
+            f"training run {config.run_name!r} failed: {error}. Its checkpoints and MLflow run "
+            f"{run_id} are kept; run the same command again to resume."
+        ) from error
+    checkpoint_dir = Path(result.checkpoint.path)
+    model_uri = _log_results(client, run_id, checkpoint_dir, config)
+    retrying(lambda: client.set_terminated(run_id, status="FINISHED"))
+    return TrainOutcome(
+        run_id=run_id,
+        metrics=dict(result.return_value or result.metrics or {}),
+        checkpoint_path=str(checkpoint_dir),
+        model_uri=model_uri,
+        resumed=resumed,
+    )
+
+
+def _absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """Train workers run in another working directory: every path they see must be absolute."""
+    data = config.data.model_copy(update={"cache_dir": config.data.cache_dir.resolve()})
+    run = config.run.model_copy(update={"storage_path": config.run.storage_path.resolve()})
+    return config.model_copy(update={"data": data, "run": run})
+
+
+def _refuse_local_store_on_a_cluster(config: ExperimentConfig) -> None:
+    uri = config.tracking.resolved_uri()
+    if not (uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri):
+        return
+    if ray.is_initialized() and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        raise TrainingError(
+            f"MLflow tracking URI {uri!r} is a local file, but this Ray cluster has several nodes "
+            "whose workers cannot write to it; start a shared tracking server "
+            "(cluster/mlflow-server.sh) and set MLFLOW_TRACKING_URI=http://<host>:5000"
+        )
+
+
+def _scaling(config: ExperimentConfig) -> ray.train.ScalingConfig:
+    scaling = config.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    return ray.train.ScalingConfig(
+        num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+    )
+
+
+def _log_results(client, run_id: str, checkpoint_dir: Path, config: ExperimentConfig) -> str:
+    """The trained model (loadable in a fresh process) and the curves, into the run."""
+    model, _ = load_model(checkpoint_dir)
+    example = np.zeros((1, min(16, config.data.task.row_width)), dtype=np.int64)
+    with torch.no_grad():
+        logits, _ = model(torch.as_tensor(example))
+    signature = infer_signature(example, logits.numpy())
+    history = metric_history(client, run_id, plots.CURVE_KEYS)
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        info = mlflow.pytorch.log_model(
+            LogitsOnly(model),
+            name="model",
+            serialization_format="pickle",
+            signature=signature,
+            input_example=example,
+            pip_requirements=["torch==2.13.0", "mlflow>=3.17,<4", "pydantic>=2"],
+        )
+        mlflow.log_artifacts(str(checkpoint_dir), artifact_path="checkpoint")
+        figure_path = plots.training_curves(history, checkpoint_dir.parent / "curves.png")
+        if figure_path is not None:
+            mlflow.log_artifact(str(figure_path))
+    return info.model_uri

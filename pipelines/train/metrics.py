@@ -1,0 +1,103 @@
+"""Task metrics accumulated over evaluation batches.
+
+- every task: loss (mean cross-entropy over scored tokens) and token accuracy;
+- associative recall: accuracy per number of key-value pairs (Zoology reports recall this way);
+- copy: bits wrong per sequence (the NTM paper's measure) and accuracy per copy length;
+- selective copy: accuracy per number of tokens to remember;
+- text: bits per byte (byte tokens, so the loss in bits is bits per byte).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+# Which metadata column splits accuracy into groups, per task kind.
+GROUP_COLUMN = {
+    "mqar": "num_kv_pairs",
+    "forgetting_mqar": "num_kv_pairs",
+    "copy": "length",
+    "selective_copy": "num_tokens",
+}
+COPY_FIRST_VECTOR_TOKEN = 3  # copy tokens: 0 pad, 1 delimiter, 2 blank, 3 + bit-vector value
+
+
+class EvalAccumulator:
+    """Adds up per-batch counts; `result()` gives the metric dict (keys without a prefix)."""
+
+    def __init__(self, task_kind: str, bit_width: int | None = None) -> None:
+        self.task_kind = task_kind
+        self.bit_width = bit_width
+        self.loss_sum = 0.0
+        self.scored = 0
+        self.correct = 0
+        self.sequences = 0
+        self.bits_wrong = 0
+        self.group_correct: dict[int, int] = defaultdict(int)
+        self.group_scored: dict[int, int] = defaultdict(int)
+
+    def add(self, logits: Tensor, batch: Mapping[str, Tensor]) -> None:
+        targets = batch["targets"]  # [B, T]
+        scored = targets != IGNORE_INDEX
+        safe_targets = targets.clamp_min(0)
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), safe_targets.flatten(), reduction="none"
+        ).view_as(targets)
+        predictions = logits.argmax(-1)
+        hits = (predictions == targets) & scored
+        self.loss_sum += loss[scored].sum().item()
+        self.scored += int(scored.sum())
+        self.correct += int(hits.sum())
+        self.sequences += targets.shape[0]
+        if self.task_kind == "copy":
+            self.bits_wrong += _bits_wrong(predictions, targets, scored, self.bit_width or 8)
+        self._add_groups(batch, hits, scored)
+
+    def _add_groups(self, batch: Mapping[str, Tensor], hits: Tensor, scored: Tensor) -> None:
+        column = GROUP_COLUMN.get(self.task_kind)
+        if column is None or column not in batch:
+            return
+        groups = batch[column]
+        for value in groups.unique().tolist():
+            rows = groups == value
+            self.group_correct[value] += int(hits[rows].sum())
+            self.group_scored[value] += int(scored[rows].sum())
+
+    def result(self) -> dict[str, float]:
+        loss = self.loss_sum / max(self.scored, 1)
+        out = {"loss": loss, "accuracy": self.correct / max(self.scored, 1)}
+        if self.task_kind == "text":
+            out["bits_per_byte"] = loss / math.log(2)
+        if self.task_kind == "copy":
+            out["bits_wrong_per_sequence"] = self.bits_wrong / max(self.sequences, 1)
+        column = GROUP_COLUMN.get(self.task_kind)
+        for value in sorted(self.group_scored):
+            out[f"accuracy_{column}_{value}"] = self.group_correct[value] / max(
+                self.group_scored[value], 1
+            )
+        return out
+
+
+def _bits_wrong(predictions: Tensor, targets: Tensor, scored: Tensor, width: int) -> int:
+    """Hamming distance of predicted and target bit vectors; a non-vector guess is all wrong."""
+    target_bits = (targets - COPY_FIRST_VECTOR_TOKEN).clamp_min(0)
+    guess = predictions - COPY_FIRST_VECTOR_TOKEN
+    wrong = torch.bitwise_xor(guess.clamp_min(0), target_bits)
+    counts = _popcount(wrong)
+    counts = torch.where(guess < 0, torch.full_like(counts, width), counts)
+    return int(counts[scored].sum())
+
+
+def _popcount(values: Tensor) -> Tensor:
+    count = torch.zeros_like(values)
+    remaining = values.clone()
+    while bool((remaining > 0).any()):
+        count += remaining & 1
+        remaining = remaining >> 1
+    return count
