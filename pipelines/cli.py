@@ -142,6 +142,86 @@ def train(
 
 
 @app.command()
+def tune(
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Dotted overrides of the base config.")
+    ] = None,
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Base config.")] = "mqar-small",
+    kinds: Annotated[
+        list[str] | None, typer.Option("--kind", "-k", help="Mechanism to include (repeatable).")
+    ] = None,
+    memory_sizes: Annotated[
+        list[int] | None, typer.Option("--memory-size", "-m", help="Grid value (repeatable).")
+    ] = None,
+    thresholds: Annotated[
+        list[float] | None, typer.Option("--threshold", "-t", help="Grid value (repeatable).")
+    ] = None,
+    space: Annotated[
+        str | None,
+        typer.Option(help='More dimensions as JSON: {"train.lr": {"loguniform": [1e-4, 1e-2]}}'),
+    ] = None,
+    name: Annotated[str, typer.Option(help="Sweep name (also its MLflow parent run).")] = "sweep",
+    scheduler: Annotated[str, typer.Option(help="asha or fifo.")] = "asha",
+    search: Annotated[str, typer.Option(help="grid, random or optuna.")] = "grid",
+    num_samples: Annotated[int, typer.Option(min=1)] = 1,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted sweep of this name.")
+    ] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+) -> None:
+    """Search mechanism x memory size x forget threshold with Ray Tune; register the champion."""
+    import json
+
+    from pipelines.experiment import OverrideError, apply_overrides
+    from pipelines.recipes import recipe as load_recipe
+    from pipelines.tune.space import SpaceError
+    from pipelines.tune.sweep import SweepSettings, run_sweep
+
+    raw_space = json.loads(space) if space else {}
+    for key, values in (
+        ("model.memory.kind", kinds),
+        ("model.memory.memory_size", memory_sizes),
+        ("model.memory.forget_threshold", thresholds),
+    ):
+        if values:
+            raw_space = {key: {"grid": list(values)}} | raw_space
+    try:
+        base = apply_overrides(load_recipe(recipe), list(overrides or []))
+        base.data.check()
+        settings = SweepSettings(
+            name=name, scheduler=scheduler, search=search, num_samples=num_samples
+        )
+        from pipelines.train.session import local_ray
+
+        local_ray(ray_address)
+        with console.status(f"sweep {name}: trials running (Ray Tune)..."):
+            outcome = run_sweep(base, raw_space, settings, resume=resume)
+    except (OverrideError, SpaceError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="--space/--kind/OVERRIDES") from error
+    _print_sweep(outcome)
+
+
+def _print_sweep(outcome) -> None:
+    table = Table(title="sweep results (best first)")
+    columns = ["mechanism", "memory_size", "forget_threshold", "state_bytes", "val_accuracy"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "mechanism" else "right")
+    for _, row in outcome.table.sort_values("val_accuracy", ascending=False).iterrows():
+        table.add_row(
+            *[f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        )
+    console.print(table)
+    console.print(f"results: {outcome.table_path}")
+    for path in outcome.plot_paths:
+        console.print(f"plot: {path}")
+    if outcome.champion:
+        console.print(
+            f"[bold green]champion[/bold green] {outcome.champion['uri']} "
+            f"(version {outcome.champion_version}, {outcome.champion['mechanism']})"
+        )
+
+
+@app.command()
 def recipes() -> None:
     """List the recipes `memlab train --recipe` and `memlab tune --recipe` start from."""
     from pipelines.recipes import RECIPES

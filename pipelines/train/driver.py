@@ -27,6 +27,9 @@ from pipelines.train.tracking import client_for, metric_history, open_run, retry
 from pipelines.train.worker import load_model, train_worker
 
 
+MODEL_URI_TAG = "memlab.model_uri"
+
+
 class TrainingError(RuntimeError):
     """A run that failed after its retries; the MLflow run and checkpoints are kept for resume."""
 
@@ -86,6 +89,7 @@ def train(
         ) from error
     checkpoint_dir = Path(result.checkpoint.path)
     model_uri = _log_results(client, run_id, checkpoint_dir, config)
+    retrying(lambda: client.set_tag(run_id, MODEL_URI_TAG, model_uri))
     retrying(lambda: client.set_terminated(run_id, status="FINISHED"))
     return TrainOutcome(
         run_id=run_id,

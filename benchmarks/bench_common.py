@@ -1,0 +1,76 @@
+"""Timing, machine description and result files shared by the benchmark scripts.
+
+Kept apart so that every benchmark times the same way (warm-up, then the median of repeats, which
+shrugs off the odd slow run on a shared machine) and records the same machine facts beside its
+numbers, without which a throughput figure cannot be compared with another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def median_seconds(run: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median wall time of `run` over `repeats` calls, after `warmup` untimed calls.
+
+    Warm-up absorbs one-off costs (allocator growth, lazy initialisation, cold caches) that a
+    long training run never pays again.
+    """
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine_info(**extra: Any) -> dict[str, Any]:
+    """What the numbers depend on: interpreter, platform and the CPUs this process may use."""
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": _usable_cpus(),
+        **extra,
+    }
+
+
+def _usable_cpus() -> int | None:
+    """CPUs this process may run on (a container or `taskset` can allow fewer than exist)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count()
+
+
+def write_json(name: str, payload: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
+    """Write `payload` to `results_dir/name`, creating the folder; return the path."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / name
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def format_table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """Plain-text table: the first `left` columns left-aligned (names), the rest right-aligned."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            cell.ljust(width) if index < left else cell.rjust(width)
+            for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([line(headers), line(["-" * width for width in widths]), *map(line, rows)])

@@ -1,0 +1,142 @@
+"""`run_sweep`: Ray Tune over experiment configs, one Ray Train job per trial (Train V2 pattern).
+
+The sweep owns a parent MLflow run; each trial's training run is its child. At the end the results
+table, the accuracy-versus-state-size plot and the heat maps go to the parent run, and the best
+trial's model becomes the registry's `champion`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from pipelines.experiment import ExperimentConfig, apply_overrides
+from pipelines.tune import report
+from pipelines.tune.space import Dimension, grid_size, parse_space, tune_param_space
+
+
+class SweepSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = "sweep"
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(default=1, ge=1, description="repeats of the grid / random samples")
+    grace_period: int = Field(default=1, ge=1, description="ASHA: epochs before a trial may stop")
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    trial_retries: int = Field(default=1, ge=0)
+    registered_model: str = "memlab-champion"
+    storage_path: Path = Path("memlab_runs/tune")
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    table: pd.DataFrame
+    table_path: Path
+    plot_paths: list[Path]
+    parent_run_id: str
+    champion_version: str | None
+    champion: dict[str, Any]
+
+
+def run_sweep(
+    base: ExperimentConfig,
+    raw_space: dict[str, Any],
+    settings: SweepSettings,
+    *,
+    resume: bool = False,
+) -> SweepOutcome:
+    space = parse_space(raw_space, base)  # fails here, before any trial, on a bad key or value
+    storage = settings.storage_path.resolve()
+    parent_run_id = report.open_parent_run(base, settings)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=base, sweep=settings.name, parent_run_id=parent_run_id),
+        # The trial's own driver needs almost nothing; its Train workers ask for the real CPUs.
+        {"cpu": 0.01},
+    )
+    tuner = _restored(storage / settings.name, trainable) if resume else None
+    tuner = tuner or tune.Tuner(
+        trainable,
+        param_space=tune_param_space(space),
+        tune_config=tune.TuneConfig(
+            metric=settings.metric,
+            mode=settings.mode,
+            scheduler=_scheduler(settings, base),
+            search_alg=_search(settings, space),
+            num_samples=settings.num_samples,
+            max_concurrent_trials=settings.max_concurrent_trials or concurrent_trials(base),
+        ),
+        run_config=tune.RunConfig(
+            name=settings.name,
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=settings.trial_retries),
+        ),
+    )
+    results = tuner.fit()
+    table = report.results_table(results, base, space, settings.name)
+    return report.finish(table, base, settings, parent_run_id, storage)
+
+
+def _trial(params: dict[str, Any], base: ExperimentConfig, sweep: str, parent_run_id: str) -> None:
+    from pipelines.train.driver import train
+
+    trial_id = tune.get_context().get_trial_id()
+    overrides = dict(params) | {"run.name": f"{sweep}-{trial_id}"}
+    config = apply_overrides(base, overrides)
+    outcome = train(config, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
+    tune.report({**outcome.metrics, "mlflow_run_id": outcome.run_id, "done": True})
+
+
+def _restored(path: Path, trainable) -> tune.Tuner | None:
+    if not tune.Tuner.can_restore(str(path)):
+        return None
+    return tune.Tuner.restore(str(path), trainable, resume_errored=True, restart_errored=False)
+
+
+def _scheduler(settings: SweepSettings, base: ExperimentConfig):
+    if settings.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=base.train.epochs,
+        grace_period=min(settings.grace_period, base.train.epochs),
+        reduction_factor=2,
+    )
+
+
+def _search(settings: SweepSettings, space: dict[str, Dimension]):
+    if settings.search != "optuna":
+        return None  # Tune's built-in grid/random generator
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as error:
+        raise ValueError(
+            "search='optuna' needs `pip install optuna`; or use grid/random"
+        ) from error
+    if grid_size(space) > 1:
+        raise ValueError("optuna cannot take grid dimensions; use choice instead of grid")
+    return OptunaSearch()
+
+
+def concurrent_trials(base: ExperimentConfig) -> int:
+    """Trials that fit at once: GPUs / GPUs per trial on a GPU cluster, else CPUs / CPUs per
+    trial; at least 1, so nothing waits forever."""
+    scaling = base.scaling
+    resources = ray.cluster_resources() if ray.is_initialized() else {}
+    if scaling.use_gpu:
+        per_trial = scaling.num_workers * scaling.gpus_per_worker
+        return max(1, int(resources.get("GPU", 0) // per_trial))
+    per_trial = scaling.num_workers * scaling.cpus_per_worker
+    cores = min(resources.get("CPU", 1), os.cpu_count() or 1)
+    return max(1, int(cores // per_trial))
