@@ -90,7 +90,9 @@ class GRULayer(MemoryLayer):
         threshold = self.config.forget_threshold
         return torch.where(keep < threshold, torch.zeros_like(keep), keep)
 
-    def reference_forward(self, x: Tensor, state: GRUState | None = None) -> tuple[Tensor, GRUState]:
+    def reference_forward(
+        self, x: Tensor, state: GRUState | None = None
+    ) -> tuple[Tensor, GRUState]:
         """One textbook GRU cell per step, each gate from its own slice of the weights."""
         state = self._state_or_init(x, state)
         size = self.config.memory_size

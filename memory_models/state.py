@@ -39,8 +39,10 @@ class MemoryState:
         """Cut the autograd history (truncated backprop between segments)."""
         return self._map(Tensor.detach)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Self:
-        """Move to a device; `dtype` applies to floating tensors only (masks and counters keep theirs)."""
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Self:
+        """Move to a device; `dtype` applies to floating tensors only (masks, counters keep theirs)."""
 
         def move(t: Tensor) -> Tensor:
             target = dtype if dtype is not None and t.is_floating_point() else t.dtype

@@ -99,10 +99,12 @@ def test_fast_path_matches_reference_in_chunks(kind, threshold):
     assert_states_close(s_fast, s_ref)
 
     weights = torch.randn_like(y_fast)
-    grads_fast = torch.autograd.grad((y_fast * weights).sum(), [x, *layer.parameters()],
-                                     allow_unused=True)
-    grads_ref = torch.autograd.grad((y_ref * weights).sum(), [x, *layer.parameters()],
-                                    allow_unused=True)
+    grads_fast = torch.autograd.grad(
+        (y_fast * weights).sum(), [x, *layer.parameters()], allow_unused=True
+    )
+    grads_ref = torch.autograd.grad(
+        (y_ref * weights).sum(), [x, *layer.parameters()], allow_unused=True
+    )
     for g_fast, g_ref in zip(grads_fast, grads_ref, strict=True):
         assert (g_fast is None) == (g_ref is None)
         if g_fast is not None:

@@ -49,7 +49,7 @@ def test_a_bad_search_key_fails_before_any_trial(tmp_path):
         parse_space({"model.memory.forget_threshold": {"uniform": [0.0, 1.5]}}, base)
     with pytest.raises(SpaceError, match="exactly one"):
         parse_space({"train.lr": {"grid": [0.1], "uniform": [0.1, 0.2]}}, base)
-    with pytest.raises(SpaceError, match="train.lr"):
+    with pytest.raises(SpaceError, match=r"train\.lr"):
         run_sweep(base, {"train.lr": {"loguniform": [-1.0, 1.0]}}, SweepSettings())
 
 

@@ -26,7 +26,6 @@ from pipelines.train import plots
 from pipelines.train.tracking import client_for, metric_history, open_run, retrying
 from pipelines.train.worker import load_model, train_worker
 
-
 MODEL_URI_TAG = "memlab.model_uri"
 
 
