@@ -42,7 +42,7 @@ class MemoryState:
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Self:
-        """Move to a device; `dtype` applies to floating tensors only (masks, counters keep theirs)."""
+        """Move to a device; `dtype` applies to floating tensors only (not masks, counters)."""
 
         def move(t: Tensor) -> Tensor:
             target = dtype if dtype is not None and t.is_floating_point() else t.dtype

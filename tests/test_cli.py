@@ -45,3 +45,14 @@ def test_unknown_recipe_names_the_known_ones():
     result = runner.invoke(app, ["train", "--recipe", "nope"])
     assert result.exit_code == 2
     assert "debug-gru" in result.output
+
+
+def test_the_code_is_ruff_clean():
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is installed by the dev extra")
+    done = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:]
