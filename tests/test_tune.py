@@ -83,7 +83,7 @@ def test_sweep_registers_a_loadable_champion_and_resumes(ray_local, tmp_path):
 
     version = client.get_model_version_by_alias(settings.registered_model, "champion")
     assert version.tags["mechanism"] in {'"gru"', '"attention"'}
-    assert client.get_model_version_by_alias(settings.registered_model, "best-gru")
+    assert client.get_model_version_by_alias(settings.registered_model, "best_gru")
     mlflow.set_tracking_uri(base.tracking.resolved_uri())
     champion = mlflow.pytorch.load_model(f"models:/{settings.registered_model}@champion")
     assert champion(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, base.model.vocab_size)

@@ -124,7 +124,7 @@ def finish(
 
 
 def register_champions(client, table: pd.DataFrame, settings: SweepSettings):
-    """Best trial -> alias `champion`; best per mechanism -> alias `best-<mechanism>`."""
+    """Best trial -> alias `champion`; best per mechanism -> alias `best_<mechanism>`."""
     ranked = table.dropna(subset=["model_uri", "val_accuracy"])
     if ranked.empty:
         return {}, None
@@ -136,7 +136,7 @@ def register_champions(client, table: pd.DataFrame, settings: SweepSettings):
         version = _register(client, name, row, settings)
         retrying(
             lambda v=version, r=row: client.set_registered_model_alias(
-                name, f"best-{r['mechanism'].replace('_', '-')}", v
+                name, f"best_{r['mechanism']}", v
             )
         )
         if position == 0:
