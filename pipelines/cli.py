@@ -164,6 +164,14 @@ def tune(
     scheduler: Annotated[str, typer.Option(help="asha or fifo.")] = "asha",
     search: Annotated[str, typer.Option(help="grid, random or optuna.")] = "grid",
     num_samples: Annotated[int, typer.Option(min=1)] = 1,
+    max_concurrent_trials: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Trials at once; default: what fits the cluster now (GPUs or cores per trial). "
+            "Set it when an autoscaler will add GPU nodes.",
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted sweep of this name.")
     ] = False,
@@ -189,7 +197,11 @@ def tune(
         base = apply_overrides(load_recipe(recipe), list(overrides or []))
         base.data.check()
         settings = SweepSettings(
-            name=name, scheduler=scheduler, search=search, num_samples=num_samples
+            name=name,
+            scheduler=scheduler,
+            search=search,
+            num_samples=num_samples,
+            max_concurrent_trials=max_concurrent_trials,
         )
         from pipelines.train.session import local_ray
 
@@ -202,15 +214,9 @@ def tune(
 
 
 def _print_sweep(outcome) -> None:
-    table = Table(title="sweep results (best first)")
-    columns = ["mechanism", "memory_size", "forget_threshold", "state_bytes", "val_accuracy"]
-    for column in columns:
-        table.add_column(column, justify="left" if column == "mechanism" else "right")
-    for _, row in outcome.table.sort_values("val_accuracy", ascending=False).iterrows():
-        table.add_row(
-            *[f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
-        )
-    console.print(table)
+    from pipelines.display import sweep_table
+
+    console.print(sweep_table(outcome))
     console.print(f"results: {outcome.table_path}")
     for path in outcome.plot_paths:
         console.print(f"plot: {path}")
@@ -219,6 +225,54 @@ def _print_sweep(outcome) -> None:
             f"[bold green]champion[/bold green] {outcome.champion['uri']} "
             f"(version {outcome.champion_version}, {outcome.champion['mechanism']})"
         )
+
+
+@app.command("serve")
+def serve_command(
+    model_uri: Annotated[
+        str, typer.Option(help="MLflow model URI (models:/name@alias, runs:/...) or checkpoint.")
+    ] = "models:/memlab-champion@champion",
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow; default MLFLOW_TRACKING_URI, else memlab_runs/.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Listen address (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    max_replicas: Annotated[int, typer.Option(min=1, help="Autoscaling upper bound.")] = 2,
+    name: Annotated[str, typer.Option(help="Serve application name.")] = "memlab",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address; default: a local Ray.")
+    ] = None,
+) -> None:
+    """Serve a registered model over HTTP with Ray Serve (sessions, batching) until Ctrl-C.
+
+    The API key, if any, is read from MEMLAB_API_KEY (never from the command line).
+    """
+    from pydantic import ValidationError
+
+    from serve.args import ServeArgs
+    from serve.local import LOOPBACK, serve_until_interrupted
+
+    try:
+        deployment = {"max_replicas": max_replicas}
+        args = ServeArgs(model_uri=model_uri, tracking_uri=tracking_uri, deployment=deployment)
+    except ValidationError as error:
+        raise typer.BadParameter(str(error)) from error
+    keyed = args.resolved().requires_api_key
+
+    def ready(url: str) -> None:
+        key = "required (X-API-Key header)" if keyed else "not required (set MEMLAB_API_KEY)"
+        console.print(f"[bold green]serving[/bold green] {model_uri} at {url}")
+        console.print(f"API docs: {url}/docs\nAPI key: {key}\nCtrl-C stops the server.")
+        if host != LOOPBACK and not keyed:
+            console.print("[bold red]warning:[/bold red] listening beyond loopback without a key")
+
+    try:
+        serve_until_interrupted(
+            args, host=host, port=port, name=name, ray_address=ray_address, on_ready=ready
+        )
+    except RuntimeError as error:  # the model did not load, the port is taken...
+        console.print(f"[bold red]error:[/bold red] {error}")
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -234,10 +288,286 @@ def recipes() -> None:
         )
 
 
+# `memlab submit` and `memlab jobs`: the Ray Jobs API (pipelines/submit.py). The token is read
+# from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token, never taken as an option.
+AddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        "-a",
+        envvar="RAY_API_SERVER_ADDRESS",
+        help="The cluster's Jobs API (its dashboard); default http://127.0.0.1:8265.",
+        show_default=False,
+    ),
+]
+jobs_app = typer.Typer(
+    help="Ray jobs on a cluster: list, status, logs, stop.", no_args_is_help=True
+)
+app.add_typer(jobs_app, name="jobs")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    command: Annotated[str, typer.Argument(help="train, tune or prep.")],
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(help="The command's own options and overrides (after `--`)."),
+    ] = None,
+    address: AddressOption = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", "-e", help="KEY=VALUE for the job (repeatable); no credentials."),
+    ] = None,
+    where: Annotated[
+        str, typer.Option(help="local (this machine), remote, or auto: ask the cluster.")
+    ] = "auto",
+    pip: Annotated[
+        bool, typer.Option("--pip", help="Install the project's dependencies in the job (remote).")
+    ] = False,
+    run_dir: Annotated[
+        str | None,
+        typer.Option(help="Folder the command runs in; on several nodes a mount they share."),
+    ] = None,
+    submission_id: Annotated[str | None, typer.Option(help="Job id; default: Ray's.")] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Follow the log until the job ends.")
+    ] = True,
+) -> None:
+    """Run a memlab command as a Ray job on a cluster and follow its log.
+
+    memlab submit --address http://127.0.0.1:8265 -- train --recipe debug-gru train.epochs=2
+    """
+    from pipelines import submit as jobs
+
+    spec = _job_spec(command, args, env, where, pip, run_dir, submission_id)
+    cluster, client, token = _jobs_client(address)
+    try:
+        local = spec.placement == "local" or (
+            spec.placement == "auto" and jobs.on_this_machine(cluster, token)
+        )
+        job_id = jobs.submit(client, spec, local)
+    except jobs.SubmitError as error:
+        _job_error(error)
+    where_shown = "this machine, this interpreter" if local else "remote, project uploaded"
+    console.print(f"submitted [bold]{job_id}[/bold] to {cluster.address} ({where_shown})")
+    console.print(f"tracking: {_tracking_shown()}", markup=False, highlight=False)
+    if not wait:
+        console.print(f"follow it with: memlab jobs logs {job_id} --follow", markup=False)
+        return
+    _follow_to_the_end(client, job_id)
+
+
+def _job_spec(
+    command: str,
+    args: list[str] | None,
+    env: list[str] | None,
+    where: str,
+    pip: bool,
+    run_dir: str | None,
+    submission_id: str | None,
+):
+    from pydantic import ValidationError
+
+    from pipelines.submit import JobSpec
+
+    pairs = [item.split("=", 1) for item in env or []]
+    if any(len(pair) != 2 or not pair[0] for pair in pairs):
+        raise typer.BadParameter("give KEY=VALUE", param_hint="--env")
+    try:
+        return JobSpec(
+            command=command,
+            args=tuple(args or ()),
+            env=dict(pairs),
+            placement=where,
+            pip=pip,
+            run_dir=run_dir,
+            submission_id=submission_id,
+        )
+    except ValidationError as error:
+        message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise typer.BadParameter(message, param_hint="COMMAND/--env/--where") from None
+
+
+def _jobs_client(address: str | None):
+    """(cluster settings, client, token) for the Jobs API at `address`, or a clear exit."""
+    from pydantic import ValidationError
+
+    from pipelines import submit as jobs
+
+    try:
+        cluster = jobs.ClusterSettings(address=address) if address else jobs.ClusterSettings()
+    except ValidationError as error:
+        raise typer.BadParameter(error.errors()[0]["msg"], param_hint="--address") from None
+    try:
+        token = jobs.find_token()
+        return cluster, jobs.connect(cluster, token), token
+    except jobs.SubmitError as error:
+        _job_error(error)
+
+
+def _tracking_shown() -> str:
+    import os
+
+    from pipelines.submit import redact
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return f"{redact(uri)} (MLFLOW_TRACKING_URI of this shell)"
+    return "the cluster's MLFLOW_TRACKING_URI, else memlab's default store"
+
+
+def _follow_to_the_end(client, job_id: str) -> None:
+    from pipelines import submit as jobs
+
+    try:
+        details = jobs.follow(client, job_id, _write_raw)
+    except KeyboardInterrupt:
+        console.print(f"\nstopped following; the job goes on (memlab jobs stop {job_id})")
+        raise typer.Exit(130) from None
+    except jobs.SubmitError as error:
+        _job_error(error)
+    _report_end(client, details)
+
+
+def _report_end(client, details) -> None:
+    """After a followed log: its last lines are on screen already, so the verdict alone."""
+    from pipelines import submit as jobs
+
+    if jobs.is_success(details):
+        console.print(f"[bold green]done[/bold green] {jobs.summary(details)}", highlight=False)
+        return
+    console.print("[bold red]job did not succeed:[/bold red]", end=" ")
+    console.print(jobs.verdict(details), markup=False, highlight=False)
+    raise typer.Exit(1)
+
+
+def _write_raw(text: str) -> None:
+    # Job logs carry their own colours and brackets: no rich markup on them.
+    import sys
+
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _job_error(error: Exception):
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False)
+    raise typer.Exit(1) from None
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOption = None) -> None:
+    """Every job the cluster knows, oldest first: id, status, exit, duration, command."""
+    from pipelines import submit as jobs
+
+    _, client, _ = _jobs_client(address)
+    try:
+        found = jobs.list_jobs(client)
+    except jobs.SubmitError as error:
+        _job_error(error)
+    for details in found:
+        console.print(jobs.summary(details), markup=False, highlight=False)
+    if not found:
+        console.print("no jobs on this cluster")
+
+
+@jobs_app.command("status")
+def jobs_status(
+    job_id: Annotated[str, typer.Argument(help="Submission id.")], address: AddressOption = None
+) -> None:
+    """One job's status line; for a job that failed or was stopped, why, and its log's tail."""
+    from pipelines import submit as jobs
+
+    _, client, _ = _jobs_client(address)
+    try:
+        details = jobs.job_details(client, job_id)
+    except jobs.SubmitError as error:
+        _job_error(error)
+    if jobs.is_success(details) or not details.status.is_terminal():
+        console.print(jobs.summary(details), markup=False, highlight=False)
+        return
+    report = jobs.failure_report(details, jobs.job_logs(client, job_id))
+    console.print(report, markup=False, highlight=False)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: Annotated[str, typer.Argument(help="Submission id.")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")
+    ] = False,
+    address: AddressOption = None,
+) -> None:
+    """A job's log so far; with --follow, streamed until the job ends."""
+    from pipelines import submit as jobs
+
+    _, client, _ = _jobs_client(address)
+    if follow:
+        _follow_to_the_end(client, job_id)
+        return
+    try:
+        _write_raw(jobs.job_logs(client, job_id))
+    except jobs.SubmitError as error:
+        _job_error(error)
+
+
+@jobs_app.command("stop")
+def jobs_stop(
+    job_id: Annotated[str, typer.Argument(help="Submission id.")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for it to end.")] = 30.0,
+    address: AddressOption = None,
+) -> None:
+    """Stop a job (SIGTERM, then SIGKILL after Ray's grace period) and wait until it has ended."""
+    from pipelines import submit as jobs
+
+    _, client, _ = _jobs_client(address)
+    try:
+        details = jobs.stop(client, job_id, timeout)
+    except jobs.SubmitError as error:
+        _job_error(error)
+    console.print(jobs.summary(details), markup=False, highlight=False)
+
+
 @app.command()
-def run() -> None:
-    """The main job on the embedded default (local Ray, local MLflow). For now: the zoo smoke."""
-    zoo(kinds=None)
+def run(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Dotted overrides of the mqar-demo recipe: train.epochs=1"),
+    ] = None,
+    kinds: Annotated[
+        list[str] | None, typer.Option("--kind", "-k", help="Mechanism to sweep (repeatable).")
+    ] = None,
+    memory_sizes: Annotated[
+        list[int] | None, typer.Option("--memory-size", "-m", help="Grid value (repeatable).")
+    ] = None,
+    thresholds: Annotated[
+        list[float] | None, typer.Option("--threshold", "-t", help="Grid value (repeatable).")
+    ] = None,
+    name: Annotated[str, typer.Option(help="Sweep name; the same name resumes it.")] = "main",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Loopback port to serve on.")] = 8000,
+) -> None:
+    """The main job on the embedded default: prep -> sweep -> champion -> serve -> a session."""
+    from pipelines.data import DataError
+    from pipelines.experiment import OverrideError
+    from pipelines.main_job import MainJobSettings, run_main_job
+    from pipelines.tune.space import SpaceError
+
+    defaults = MainJobSettings()
+    settings = MainJobSettings(
+        kinds=tuple(kinds or defaults.kinds),
+        memory_sizes=tuple(memory_sizes or defaults.memory_sizes),
+        thresholds=tuple(thresholds or defaults.thresholds),
+        sweep_name=name,
+        port=port,
+        overrides=tuple(overrides or ()),
+    )
+    try:
+        run_main_job(settings, console)
+    except (OverrideError, SpaceError, DataError) as error:
+        raise typer.BadParameter(
+            str(error), param_hint="OVERRIDES/--kind/--memory-size/--threshold"
+        ) from error
 
 
 if __name__ == "__main__":

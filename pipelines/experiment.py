@@ -109,6 +109,14 @@ class ExperimentConfig(Strict):
     def run_name(self) -> str:
         return self.run.name or f"{self.recipe}-{self.model.memory.kind}"
 
+    def with_absolute_paths(self) -> ExperimentConfig:
+        """Ray workers and Tune trials run in other working directories: pin every relative
+        path (data cache, run storage, the default SQLite store) to this process's directory."""
+        data = self.data.model_copy(update={"cache_dir": self.data.cache_dir.resolve()})
+        run = self.run.model_copy(update={"storage_path": self.run.storage_path.resolve()})
+        tracking = self.tracking.model_copy(update={"tracking_uri": self.tracking.resolved_uri()})
+        return self.model_copy(update={"data": data, "run": run, "tracking": tracking})
+
     def flat(self) -> dict[str, str]:
         """Dotted keys to strings: MLflow params and the results table."""
         return {key: json.dumps(value) for key, value in _flatten(self.model_dump(mode="json"))}

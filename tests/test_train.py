@@ -202,3 +202,35 @@ def test_a_crash_resumes_from_the_last_checkpoint(ray_local, tmp_path):
     logged_steps = [m.step for m in client.get_metric_history(outcome.run_id, "train_loss")]
     assert logged_steps.count(3) == 2  # step 3 ran before the crash and again after the restore
     assert logged_steps.count(2) == 1  # step 2 was in the checkpoint: not repeated
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)  # two fits, like the other resume tests
+def test_too_many_failures_end_with_a_clear_error_and_the_run_marked_failed(ray_local, tmp_path):
+    from pipelines.train.driver import TrainingError, train
+
+    overrides = {
+        "run.name": "gives-up",
+        "run.max_failures": 0,
+        "scaling.num_workers": 1,  # one worker is enough to fail, and starts faster
+        "train.max_steps_per_epoch": 3,
+        "train.checkpoint_every_steps": 1,
+        "train.fail_once_at_step": 2,  # after step 1's checkpoint
+    }
+    config = _tiny("gru", tmp_path, **overrides)
+    with pytest.raises(TrainingError, match="'gives-up' failed") as raised:
+        train(config)
+    client = MlflowClient(config.tracking.resolved_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("memlab").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.info.run_id in str(raised.value)
+    assert "resume" in str(raised.value)
+    assert list((tmp_path / "ray" / "gives-up").glob("checkpoint_*")), "checkpoint not kept"
+
+    # What the message promises: the same command resumes the same run from step 1's checkpoint.
+    outcome = train(config)
+    assert outcome.resumed and outcome.run_id == run.info.run_id
+    assert outcome.metrics["step"] == 3
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 2, 3]  # step 2 before and after the crash

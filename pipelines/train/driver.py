@@ -51,7 +51,7 @@ def train(
     on_run_started: Callable[[str], None] | None = None,
 ) -> TrainOutcome:
     """Train `config` with Ray Train; `on_run_started(run_id)` fires once the MLflow run exists."""
-    config = _absolute_paths(config)
+    config = config.with_absolute_paths()
     ray.data.DataContext.get_current().enable_progress_bars = False  # the run has its own
     _refuse_local_store_on_a_cluster(config)
     data = data or build_datasets(config.data)
@@ -99,23 +99,35 @@ def train(
     )
 
 
-def _absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
-    """Train workers run in another working directory: every path they see must be absolute."""
-    data = config.data.model_copy(update={"cache_dir": config.data.cache_dir.resolve()})
-    run = config.run.model_copy(update={"storage_path": config.run.storage_path.resolve()})
-    return config.model_copy(update={"data": data, "run": run})
-
-
 def _refuse_local_store_on_a_cluster(config: ExperimentConfig) -> None:
     uri = config.tracking.resolved_uri()
-    if not (uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri):
-        return
-    if ray.is_initialized() and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
-        raise TrainingError(
-            f"MLflow tracking URI {uri!r} is a local file, but this Ray cluster has several nodes "
-            "whose workers cannot write to it; start a shared tracking server "
-            "(cluster/mlflow-server.sh) and set MLFLOW_TRACKING_URI=http://<host>:5000"
-        )
+    if not is_local_store(uri) or not ray.is_initialized():
+        return  # the node count below costs a GCS round trip; skip it when it cannot matter
+    refusal = local_store_refusal(uri, len([n for n in ray.nodes() if n.get("Alive")]))
+    if refusal:
+        raise TrainingError(refusal)
+
+
+def is_local_store(uri: str) -> bool:
+    """A tracking URI that names a file on this machine: SQLite, a file store or a bare path."""
+    if uri.startswith("databricks"):
+        return False  # `databricks` and `databricks://profile` name a remote workspace
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def local_store_refusal(uri: str, alive_nodes: int) -> str | None:
+    """Why training must not start with tracking URI `uri` on `alive_nodes` nodes, or None.
+
+    Train workers on another node cannot write to a file on this one: their metrics would go to a
+    private copy, or nowhere, while the driver's run stays empty.
+    """
+    if alive_nodes <= 1 or not is_local_store(uri):
+        return None
+    return (
+        f"MLflow tracking URI {uri!r} is a local file, but this Ray cluster has {alive_nodes} "
+        "nodes whose workers cannot write to it; start a shared tracking server "
+        "(cluster/mlflow-server.sh) and set MLFLOW_TRACKING_URI=http://<host>:5000"
+    )
 
 
 def _scaling(config: ExperimentConfig) -> ray.train.ScalingConfig:
@@ -130,12 +142,29 @@ def _scaling(config: ExperimentConfig) -> ray.train.ScalingConfig:
 
 def _log_results(client, run_id: str, checkpoint_dir: Path, config: ExperimentConfig) -> str:
     """The trained model (loadable in a fresh process) and the curves, into the run."""
+    history = metric_history(client, run_id, plots.CURVE_KEYS)
+    figure_path = plots.training_curves(history, checkpoint_dir.parent / "curves.png")
+    extra = [figure_path] if figure_path is not None else []
+    return log_sequence_model(run_id, checkpoint_dir, config, extra_artifacts=extra)
+
+
+def log_sequence_model(
+    run_id: str,
+    checkpoint_dir: Path,
+    config: ExperimentConfig,
+    extra_artifacts: list[Path] | None = None,
+) -> str:
+    """Log a checkpoint folder's model into MLflow run `run_id`; return the model URI.
+
+    Two views of one model: the pickled `LogitsOnly` (what `mlflow.pytorch.load_model` and
+    `predict` use) and the checkpoint folder as artifact `checkpoint/` (experiment.json and the
+    weights), from which the server rebuilds the stateful model. The tracking URI must be set.
+    """
     model, _ = load_model(checkpoint_dir)
     example = np.zeros((1, min(16, config.data.task.row_width)), dtype=np.int64)
     with torch.no_grad():
         logits, _ = model(torch.as_tensor(example))
     signature = infer_signature(example, logits.numpy())
-    history = metric_history(client, run_id, plots.CURVE_KEYS)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         info = mlflow.pytorch.log_model(
             LogitsOnly(model),
@@ -146,7 +175,6 @@ def _log_results(client, run_id: str, checkpoint_dir: Path, config: ExperimentCo
             pip_requirements=["torch==2.13.0", "mlflow>=3.17,<4", "pydantic>=2"],
         )
         mlflow.log_artifacts(str(checkpoint_dir), artifact_path="checkpoint")
-        figure_path = plots.training_curves(history, checkpoint_dir.parent / "curves.png")
-        if figure_path is not None:
-            mlflow.log_artifact(str(figure_path))
+        for path in extra_artifacts or []:
+            mlflow.log_artifact(str(path))
     return info.model_uri

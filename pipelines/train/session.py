@@ -21,9 +21,14 @@ from pipelines.train.tracking import client_for
 
 
 def local_ray(address: str | None = None) -> None:
-    """Connect to `address`, or start Ray on this machine listening on loopback only."""
+    """Connect to `address` (or `RAY_ADDRESS`), else start Ray on this machine on loopback only.
+
+    Inside a Ray job (`memlab submit`) Ray sets `RAY_ADDRESS`; the job must join that cluster, and
+    Ray refuses `num_cpus` when joining one, so the local-start arguments apply only here.
+    """
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return

@@ -8,6 +8,7 @@ rank calls it at the same points.
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ class Position:
     global_step: int = 0
     best_accuracy: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    # Wall time in the batch loop (waiting for batches, the steps, step logging; not evaluation
+    # or checkpoints): what benchmarks/bench_train.py compares with the plain loop.
+    train_seconds: float = 0.0
 
 
 def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
@@ -77,6 +81,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         batches = train_shard.iter_torch_batches(
             batch_size=config.train.batch_size, drop_last=True, local_shuffle_seed=epoch
         )
+        clock = time.perf_counter()
         for batch in limited(batches, steps_per_epoch, skip=position.batches_done):
             result = train_batch(
                 module,
@@ -89,8 +94,10 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
             )
             position.batches_done += 1
             position.global_step += 1
-            _maybe_inject_fault(config, position)
             _log_step(logger, config, position, result, world)
+            position.train_seconds += time.perf_counter() - clock
+            # After the log: the crash loses a logged step, which the restore must redo.
+            _maybe_inject_fault(config, position)
             if _mid_epoch_checkpoint_due(config, position, steps_per_epoch):
                 _report(
                     rank,
@@ -101,9 +108,14 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
                     position,
                     config,
                 )
+            clock = time.perf_counter()
         metrics = _evaluate(rank, model, test_shard, config, device, autocast)
         position.epoch, position.batches_done = epoch + 1, 0
-        metrics |= {"epoch": epoch + 1, "step": position.global_step}
+        metrics |= {
+            "epoch": epoch + 1,
+            "step": position.global_step,
+            "train_seconds": position.train_seconds,
+        }
         position.best_accuracy = max(position.best_accuracy, metrics.get("val_accuracy", 0.0))
         metrics["best_val_accuracy"] = position.best_accuracy
         position.history.append(metrics)

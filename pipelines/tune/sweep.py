@@ -19,6 +19,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from pipelines.data.build import build_datasets
 from pipelines.experiment import ExperimentConfig, apply_overrides
 from pipelines.tune import report
 from pipelines.tune.space import Dimension, grid_size, parse_space, tune_param_space
@@ -58,6 +59,9 @@ def run_sweep(
     resume: bool = False,
 ) -> SweepOutcome:
     space = parse_space(raw_space, base)  # fails here, before any trial, on a bad key or value
+    base = base.with_absolute_paths()  # trials run in their own working directories
+    if not any(key.startswith("data.") for key in space):
+        build_datasets(base.data)  # once here, so trials reuse the cache instead of racing on it
     storage = settings.storage_path.resolve()
     parent_run_id = report.open_parent_run(base, settings)
     trainable = tune.with_resources(
@@ -137,6 +141,8 @@ def concurrent_trials(base: ExperimentConfig) -> int:
     if scaling.use_gpu:
         per_trial = scaling.num_workers * scaling.gpus_per_worker
         return max(1, int(resources.get("GPU", 0) // per_trial))
-    per_trial = scaling.num_workers * scaling.cpus_per_worker
+    # A trial also runs a driver, a Train controller and Data tasks beside its workers: count at
+    # least a whole core per trial, or small machines thrash with more trials than cores.
+    per_trial = max(1.0, scaling.num_workers * scaling.cpus_per_worker)
     cores = min(resources.get("CPU", 1), os.cpu_count() or 1)
     return max(1, int(cores // per_trial))

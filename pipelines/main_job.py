@@ -1,0 +1,184 @@
+"""`memlab run`: the whole product on this machine, end to end, in minutes.
+
+Ray Data prepares a small recall task -> Ray Tune sweeps mechanism x memory size x forget
+threshold, one Ray Train job per trial, every trial an MLflow run -> the best model becomes the
+registry's `champion` -> Ray Serve deploys it on loopback -> a demonstration session stores
+key-value pairs in one request and asks for them in a later one, so the answers can only come from
+the memory the server kept -> a summary, then a clean shutdown.
+
+Running it again resumes the same sweep (`--resume` semantics), so finished trials are not redone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+from rich.console import Console
+from rich.table import Table
+
+from pipelines.data import tasks
+from pipelines.data.build import build_datasets
+from pipelines.data.config import MQARTask
+from pipelines.display import sweep_table
+from pipelines.experiment import RUNS_DIR, ExperimentConfig, apply_overrides
+from pipelines.recipes import mqar_demo
+from pipelines.train.session import local_ray
+from pipelines.tune.sweep import SweepOutcome, SweepSettings, run_sweep
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class MainJobSettings:
+    kinds: Sequence[str] = ("attention", "gru")
+    memory_sizes: Sequence[int] = (8, 32)
+    thresholds: Sequence[float] = (0.0, 0.1)
+    sweep_name: str = "main"
+    port: int = 8000
+    demo_seed: int = 7
+    overrides: Sequence[str] = ()  # dotted, into the `mqar-demo` recipe (train.epochs=1)
+    ray_address: str | None = None
+
+
+def run_main_job(settings: MainJobSettings, console: Console) -> None:
+    base = apply_overrides(mqar_demo(settings.kinds[0]), list(settings.overrides))
+    base.data.check()  # a bad override fails here, before Ray starts
+    base = base.with_absolute_paths()
+    started_ray = settings.ray_address is None and not ray.is_initialized()
+    local_ray(settings.ray_address)
+    try:
+        _prepare(base, console)
+        outcome = _sweep(base, settings, console)
+        if not outcome.champion:
+            console.print("[bold red]no trial produced a model; nothing to serve[/bold red]")
+            return
+        _serve_and_demonstrate(base, outcome, settings, console)
+        _summary(base, outcome, console)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _prepare(base: ExperimentConfig, console: Console) -> None:
+    console.rule("[bold]1/4 data[/bold]  Ray Data -> cached Parquet")
+    with console.status("preparing data...") as status:
+        prepared = build_datasets(base.data, progress=status.update)
+    meta = prepared.metadata
+    state = "reused from cache" if prepared.cached else "written"
+    console.print(
+        f"MQAR {meta.train_rows:,} train / {meta.test_rows:,} test rows of "
+        f"{meta.train_seq_len} tokens, vocabulary {meta.vocab_size} ({state}: {prepared.path})"
+    )
+
+
+def _sweep(base: ExperimentConfig, settings: MainJobSettings, console: Console) -> SweepOutcome:
+    space = {
+        "model.memory.kind": {"grid": list(settings.kinds)},
+        "model.memory.memory_size": {"grid": list(settings.memory_sizes)},
+        "model.memory.forget_threshold": {"grid": list(settings.thresholds)},
+    }
+    trials = len(settings.kinds) * len(settings.memory_sizes) * len(settings.thresholds)
+    console.rule(
+        f"[bold]2/4 sweep[/bold]  Ray Tune: {trials} trials, each a Ray Train job and an MLflow run"
+    )
+    sweep = SweepSettings(name=settings.sweep_name, storage_path=RUNS_DIR / "tune")
+    with console.status(f"sweep {sweep.name}: {trials} trials running (ASHA stops weak ones)..."):
+        outcome = run_sweep(base, space, sweep, resume=True)
+    console.print(sweep_table(outcome))
+    return outcome
+
+
+def _serve_and_demonstrate(
+    base: ExperimentConfig, outcome: SweepOutcome, settings: MainJobSettings, console: Console
+) -> None:
+    from serve.args import ServeArgs
+    from serve.client import MemlabClient
+    from serve.local import start_local, stop_local
+
+    champion = outcome.champion
+    console.rule(
+        f"[bold]3/4 serve[/bold]  Ray Serve: {champion['uri']} "
+        f"({champion['mechanism']}, memory_size={champion['memory_size']})"
+    )
+    args = ServeArgs(model_uri=champion["uri"], tracking_uri=base.tracking.resolved_uri())
+    with console.status("deploying the champion..."):
+        url = start_local(args, port=settings.port)
+    console.print(f"serving at {url} (API docs at {url}/docs)")
+    try:
+        with MemlabClient(url) as client:
+            console.rule("[bold]4/4 a session[/bold]  memory kept on the server between requests")
+            _demonstrate(client, base.data.task, settings.demo_seed, console)
+    finally:
+        stop_local()
+        from ray import serve
+
+        serve.shutdown()
+
+
+def _demonstrate(client, task: MQARTask, seed: int, console: Console) -> None:
+    example = tasks.generate(task.test_task(), 1, seed)
+    inputs = [int(t) for t in example["inputs"][0]]
+    targets = [int(t) for t in example["targets"][0]]
+    pairs = int(example["num_kv_pairs"][0])
+    context, queries = inputs[: 2 * pairs], inputs[2 * pairs :]
+
+    session = client.create_session()
+    client.append(session.session_id, tokens=context)
+    info = client.inspect(session.session_id)
+    shown = ", ".join(f"{k}->{v}" for k, v in zip(context[::2], context[1::2], strict=True))
+    console.print(
+        f"request 1 stores {pairs} key->value pairs: {shown}\n"
+        f"  the session now holds {info.tokens_seen} tokens in {info.state_bytes:,} bytes of state"
+    )
+    answers = client.append(session.session_id, tokens=queries).answers
+    remembered = _recall_rows(queries, answers, targets[2 * pairs :])
+    client.delete(session.session_id)
+
+    fresh = client.create_session()
+    forgotten = client.append(fresh.session_id, tokens=queries).answers
+    client.delete(fresh.session_id)
+    console.print(_recall_table(remembered, forgotten))
+
+
+def _recall_rows(queries: list[int], answers: list[int], targets: list[int]) -> list[tuple]:
+    """(position, key, stored value, answer) at every position the task scores."""
+    return [
+        (i, queries[i], targets[i], answers[i]) for i in range(len(queries)) if targets[i] != IGNORE
+    ]
+
+
+def _recall_table(remembered: list[tuple], forgotten: list[int]) -> Table:
+    table = Table(title="request 2 asks for the keys again (a later request, same session)")
+    for column in ("key", "stored value", "answer", "", "a fresh session answers"):
+        table.add_column(column, justify="right")
+    for position, key, value, answer in remembered:
+        mark = "[green]yes[/green]" if answer == value else "[red]no[/red]"
+        table.add_row(str(key), str(value), str(answer), mark, str(forgotten[position]))
+    right = np.mean([answer == value for _, _, value, answer in remembered])
+    fresh = np.mean([forgotten[p] == value for p, _, value, _ in remembered])
+    table.caption = (
+        f"recalled {right:.0%} from the session's memory; {fresh:.0%} without it (a new session)"
+    )
+    return table
+
+
+def _summary(base: ExperimentConfig, outcome: SweepOutcome, console: Console) -> None:
+    console.rule("[bold]done[/bold]")
+    champion = outcome.champion
+    console.print(
+        f"champion: {champion['uri']} = version {outcome.champion_version} "
+        f"({champion['mechanism']}, memory_size={champion['memory_size']}, "
+        f"forget_threshold={champion['forget_threshold']}, "
+        f"val_accuracy={champion['val_accuracy']:.3f})"
+    )
+    console.print(f"results table: {outcome.table_path}")
+    for path in outcome.plot_paths:
+        console.print(f"plot: {path}")
+    console.print(
+        "MLflow UI: mlflow ui --host 127.0.0.1 --backend-store-uri "
+        f"{base.tracking.resolved_uri()}   then open http://127.0.0.1:5000"
+    )
+    console.print("serve it again: memlab serve   (the champion from the registry)")
