@@ -84,8 +84,12 @@ def _sweep(base: ExperimentConfig, settings: MainJobSettings, console: Console) 
     console.rule(
         f"[bold]2/4 sweep[/bold]  Ray Tune: {trials} trials, each a Ray Train job and an MLflow run"
     )
-    sweep = SweepSettings(name=settings.sweep_name, storage_path=RUNS_DIR / "tune")
-    with console.status(f"sweep {sweep.name}: {trials} trials running (ASHA stops weak ones)..."):
+    # FIFO, not ASHA: with two epochs per trial early stopping saves little, and a trial ASHA
+    # stops leaks its Train placement group when another Ray instance runs on this machine.
+    sweep = SweepSettings(
+        name=settings.sweep_name, storage_path=RUNS_DIR / "tune", scheduler="fifo"
+    )
+    with console.status(f"sweep {sweep.name}: {trials} trials running..."):
         outcome = run_sweep(base, space, sweep, resume=True)
     console.print(sweep_table(outcome))
     return outcome

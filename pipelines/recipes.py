@@ -83,7 +83,7 @@ def mqar_demo(kind: str = "attention") -> ExperimentConfig:
         ),
         data=DataConfig(task=DEMO_RECALL, num_train_examples=6400, num_test_examples=256, blocks=2),
         train=TrainSettings(
-            epochs=2,
+            epochs=3,
             batch_size=32,
             lr=1e-3,
             warmup_steps=20,

@@ -7,6 +7,7 @@ trial's model becomes the registry's `champion`.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from pipelines.data.build import build_datasets
 from pipelines.experiment import ExperimentConfig, apply_overrides
 from pipelines.tune import report
 from pipelines.tune.space import Dimension, grid_size, parse_space, tune_param_space
+
+logger = logging.getLogger(__name__)
 
 
 class SweepSettings(BaseModel):
@@ -69,6 +72,8 @@ def run_sweep(
         # The trial's own driver needs almost nothing; its Train workers ask for the real CPUs.
         {"cpu": 0.01},
     )
+    if settings.scheduler == "asha":
+        _warn_if_trials_may_leak()
     tuner = _restored(storage / settings.name, trainable) if resume else None
     tuner = tuner or tune.Tuner(
         trainable,
@@ -100,6 +105,23 @@ def _trial(params: dict[str, Any], base: ExperimentConfig, sweep: str, parent_ru
     config = apply_overrides(base, overrides)
     outcome = train(config, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
     tune.report({**outcome.metrics, "mlflow_run_id": outcome.run_id, "done": True})
+
+
+def _warn_if_trials_may_leak() -> None:
+    """Ray Train frees an early-stopped trial's placement group from a cleaner actor that finds
+    its cluster by scanning this machine; with several Ray instances here it fails ("Found
+    multiple active Ray instances"), the group leaks, and later trials can wait forever."""
+    from ray._private.services import find_gcs_addresses  # no public equivalent in Ray 2.60
+
+    instances = set(find_gcs_addresses())
+    if len(instances) > 1:
+        logger.warning(
+            "%d Ray instances run on this machine (%s): trials that ASHA stops early may leak "
+            "their CPUs and stall the sweep. Stop the other instances or use scheduler='fifo' "
+            "(memlab tune --scheduler fifo).",
+            len(instances),
+            ", ".join(sorted(instances)),
+        )
 
 
 def _restored(path: Path, trainable) -> tune.Tuner | None:
