@@ -1,0 +1,73 @@
+"""`memlab run`, the README's main command, as a new user runs it: a fresh process, its own Ray."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_memlab_run_goes_from_data_to_a_served_session(tmp_path: Path):
+    # One trial of a few steps: the point is the whole path, not the accuracy it reaches.
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "run",
+        "--kind",
+        "attention",
+        "--memory-size",
+        "32",
+        "--threshold",
+        "0.0",
+        "--port",
+        str(_free_port()),
+        "train.epochs=1",
+        "train.max_steps_per_epoch=20",
+        "data.num_train_examples=1024",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    for stage in ("1/4 data", "2/4 sweep", "3/4 serve", "4/4 a session", "recalled"):
+        assert stage in output, output[-4000:]
+
+    runs = tmp_path / "memlab_runs"
+    assert (runs / "tune" / "main" / "report" / "results.csv").is_file()
+    plot = runs / "tune" / "main" / "report" / "accuracy_vs_state_bytes.png"
+    assert plot.read_bytes()[:8] == PNG_MAGIC
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("memlab-champion", "champion")
+    assert champion.tags["mechanism"] == '"attention"'
+
+
+def test_a_bad_override_fails_before_ray_starts(tmp_path: Path):
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "run", "train.lr=-1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "train.lr" in done.stdout + done.stderr
+    assert not (tmp_path / "memlab_runs").exists()
