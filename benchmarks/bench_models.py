@@ -128,6 +128,39 @@ def state_bytes_per_sequence(model: SequenceModel, sizes: Sizes) -> int:
     return state.nbytes_per_sequence()
 
 
+# Stream lengths for the memory-growth table: bounded mechanisms stay flat, full attention grows.
+GROWTH_LENGTHS = (256, 1024, 4096)
+GROWTH_SEGMENT = 256
+
+
+def state_growth(kind: str, sizes: Sizes, lengths: tuple[int, ...]) -> dict[int, int]:
+    """Bytes one sequence's state holds after streaming T tokens in segments, for each T.
+
+    Read off the real state carried between segments (batch 1, no gradients), as a server keeps
+    it; `memory_size` is the mechanism's default (`None`, full context, for attention).
+    """
+    model = build_model(kind, sizes).eval()
+    held, state, seen = {}, None, 0
+    with torch.no_grad():
+        for length in sorted(lengths):
+            while seen < length:
+                step = min(GROWTH_SEGMENT, length - seen)
+                _, state = model(torch.randint(0, VOCAB_SIZE, (1, step)), state)
+                seen += step
+            held[length] = state.nbytes_per_sequence()
+    return held
+
+
+def growth_table(growth: dict[str, dict[int, int]]) -> str:
+    lengths = sorted(next(iter(growth.values())))
+    headers = ["mechanism", *[f"T={t:,}" for t in lengths], f"x from T={lengths[0]}"]
+    cells = [
+        [kind, *[f"{held[t]:,}" for t in lengths], f"{held[lengths[-1]] / held[lengths[0]]:.1f}x"]
+        for kind, held in growth.items()
+    ]
+    return format_table(headers, cells)
+
+
 @dataclasses.dataclass(frozen=True)
 class Reference:
     name: str
@@ -239,14 +272,20 @@ def main(argv: list[str] | None = None) -> None:
     for index, kind in enumerate(kinds, start=1):
         log(f"[{index}/{len(kinds)}] {kind}")
         rows.append(measure_kind(kind, sizes, log))
+    lengths = (sizes.seq_len,) if args.quick else GROWTH_LENGTHS
+    log(f"state held per sequence after streaming T tokens in segments of {GROWTH_SEGMENT}...")
+    growth = {kind: state_growth(kind, sizes, lengths) for kind in kinds}
     log("")
     log(table(rows))
     log(textwrap.fill(NOTE.format(seq_len=sizes.seq_len), width=100))
+    log("")
+    log(growth_table(growth))
     payload = {
         "machine": machine_info(torch=torch.__version__, torch_threads=torch.get_num_threads()),
         "sizes": dataclasses.asdict(sizes) | {"vocab_size": VOCAB_SIZE},
         "note": NOTE.format(seq_len=sizes.seq_len),
         "results": [dataclasses.asdict(row) for row in rows],
+        "state_bytes_by_length": growth,
     }
     log(f"wrote {write_json('models.json', payload)}")
 
