@@ -131,13 +131,18 @@ def _restored(path: Path, trainable) -> tune.Tuner | None:
 
 
 def _scheduler(settings: SweepSettings, base: ExperimentConfig):
-    if settings.scheduler == "fifo":
-        return FIFOScheduler()
+    """ASHA with every rung before the last epoch. A trial ASHA stops at its final report would
+    be killed while it logs its model, so a finished trial would leave nothing to register; with
+    `stop_last_trials=False` the survivors run to their own end instead."""
+    last_rung = base.train.epochs - 1
+    if settings.scheduler == "fifo" or last_rung < 1:
+        return FIFOScheduler()  # one epoch leaves no rung to stop at
     return ASHAScheduler(
         time_attr="epoch",
-        max_t=base.train.epochs,
-        grace_period=min(settings.grace_period, base.train.epochs),
+        max_t=last_rung,
+        grace_period=min(settings.grace_period, last_rung),
         reduction_factor=2,
+        stop_last_trials=False,
     )
 
 
