@@ -7,6 +7,7 @@ numbers, without which a throughput figure cannot be compared with another.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -74,3 +75,19 @@ def format_table(headers: list[str], rows: list[list[str]], left: int = 1) -> st
         )
 
     return "\n".join([line(headers), line(["-" * width for width in widths]), *map(line, rows)])
+
+
+def parse_with_quick(
+    parser: argparse.ArgumentParser, argv: list[str] | None, quick: dict[str, Any]
+) -> argparse.Namespace:
+    """Parse `argv`; with `--quick`, parse again over the `quick` sizes, so that options given
+    next to `--quick` still win over them."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**quick)
+        args = parser.parse_args(argv)
+    return args
+
+
+def log(message: str) -> None:
+    print(message, flush=True)

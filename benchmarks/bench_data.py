@@ -22,7 +22,14 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from bench_common import format_table, machine_info, median_seconds, write_json
+from bench_common import (
+    format_table,
+    log,
+    machine_info,
+    median_seconds,
+    parse_with_quick,
+    write_json,
+)
 from pydantic import TypeAdapter
 
 from pipelines.data.config import TaskConfig, TextTask
@@ -147,16 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text-max-bytes", type=int, default=defaults.max_bytes)
     parser.add_argument("--stream-len", type=int, default=defaults.stream_len)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    args = parser.parse_args(argv)
-    if args.quick:
-        # Re-parse so that options given next to --quick still win over its sizes.
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args(argv)
-    return args
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
+    return parse_with_quick(parser, argv, QUICK)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from bench_common import format_table, machine_info, write_json
+from bench_common import format_table, log, machine_info, parse_with_quick, write_json
 
 from memory_models.model import SequenceModel, SequenceModelConfig
 from memory_models.registry import REGISTRY, memory_config
@@ -265,20 +265,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kinds", nargs="+", choices=list(REGISTRY), help="default: all")
     parser.add_argument("--quick", action="store_true", help="a few steps, for a smoke run")
     parser.add_argument("--output", default="learning.json", help="file in benchmarks/results/")
-    args = parser.parse_args(argv)
-    if args.quick:
-        # Re-parse so that options given next to --quick still win over its sizes.
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args(argv)
-    return args
+    return parse_with_quick(parser, argv, QUICK)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

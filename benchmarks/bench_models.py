@@ -24,7 +24,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from bench_common import format_table, machine_info, median_seconds, write_json
+from bench_common import (
+    format_table,
+    log,
+    machine_info,
+    median_seconds,
+    parse_with_quick,
+    write_json,
+)
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -246,20 +253,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     parser.add_argument("--kinds", nargs="+", choices=list(REGISTRY), help="default: all")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
-    args = parser.parse_args(argv)
-    if args.quick:
-        # Re-parse so that options given next to --quick still win over its sizes.
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args(argv)
-    return args
+    return parse_with_quick(parser, argv, QUICK)
 
 
 def sizes_from(args: argparse.Namespace) -> Sizes:
     return Sizes(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Sizes)})
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

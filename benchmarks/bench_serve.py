@@ -33,7 +33,15 @@ from typing import Any
 
 import httpx
 import torch
-from bench_common import RESULTS_DIR, format_table, machine_info, median_seconds, write_json
+from bench_common import (
+    RESULTS_DIR,
+    format_table,
+    log,
+    machine_info,
+    median_seconds,
+    parse_with_quick,
+    write_json,
+)
 
 from memory_models.model import SequenceModel
 from pipelines.experiment import apply_overrides
@@ -361,16 +369,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
     parser.add_argument("--port", type=int, default=8765, help="Serve's HTTP port (loopback)")
     parser.add_argument("--quick", action="store_true", help="fewer requests, for a smoke run")
-    args = parser.parse_args(argv)
-    if args.quick:
-        # Re-parse so that options given next to --quick still win over its sizes.
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args(argv)
-    return args
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
+    return parse_with_quick(parser, argv, QUICK)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import ray
 import torch
-from bench_common import format_table, machine_info, write_json
+from bench_common import format_table, log, machine_info, parse_with_quick, write_json
 from mlflow.tracking import MlflowClient
 
 from memory_models.registry import REGISTRY
@@ -315,11 +315,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     parser.add_argument("--output", default="train.json", help="file in benchmarks/results/")
-    args = parser.parse_args(argv)
-    if args.quick:
-        # Re-parse so that options given next to --quick still win over its sizes.
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args(argv)
+    args = parse_with_quick(parser, argv, QUICK)
     if args.steps < 2 * args.log_every:
         parser.error("--steps must be at least 2 x --log-every: steady time spans logged steps")
     return args
@@ -327,10 +323,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def sizes_from(args: argparse.Namespace) -> Sizes:
     return Sizes(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Sizes)})
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

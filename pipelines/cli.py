@@ -18,6 +18,17 @@ app = typer.Typer(
 )
 console = Console()
 
+# The sweep grid, shared by `memlab tune` and `memlab run`.
+KindsOption = Annotated[
+    list[str] | None, typer.Option("--kind", "-k", help="Mechanism to sweep (repeatable).")
+]
+MemorySizesOption = Annotated[
+    list[int] | None, typer.Option("--memory-size", "-m", help="Grid value (repeatable).")
+]
+ThresholdsOption = Annotated[
+    list[float] | None, typer.Option("--threshold", "-t", help="Grid value (repeatable).")
+]
+
 
 @app.command()
 def zoo(
@@ -147,15 +158,9 @@ def tune(
         list[str] | None, typer.Argument(help="Dotted overrides of the base config.")
     ] = None,
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Base config.")] = "mqar-small",
-    kinds: Annotated[
-        list[str] | None, typer.Option("--kind", "-k", help="Mechanism to include (repeatable).")
-    ] = None,
-    memory_sizes: Annotated[
-        list[int] | None, typer.Option("--memory-size", "-m", help="Grid value (repeatable).")
-    ] = None,
-    thresholds: Annotated[
-        list[float] | None, typer.Option("--threshold", "-t", help="Grid value (repeatable).")
-    ] = None,
+    kinds: KindsOption = None,
+    memory_sizes: MemorySizesOption = None,
+    thresholds: ThresholdsOption = None,
     space: Annotated[
         str | None,
         typer.Option(help='More dimensions as JSON: {"train.lr": {"loguniform": [1e-4, 1e-2]}}'),
@@ -535,15 +540,9 @@ def run(
         list[str] | None,
         typer.Argument(help="Dotted overrides of the mqar-demo recipe: train.epochs=1"),
     ] = None,
-    kinds: Annotated[
-        list[str] | None, typer.Option("--kind", "-k", help="Mechanism to sweep (repeatable).")
-    ] = None,
-    memory_sizes: Annotated[
-        list[int] | None, typer.Option("--memory-size", "-m", help="Grid value (repeatable).")
-    ] = None,
-    thresholds: Annotated[
-        list[float] | None, typer.Option("--threshold", "-t", help="Grid value (repeatable).")
-    ] = None,
+    kinds: KindsOption = None,
+    memory_sizes: MemorySizesOption = None,
+    thresholds: ThresholdsOption = None,
     name: Annotated[str, typer.Option(help="Sweep name; the same name resumes it.")] = "main",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Loopback port to serve on.")] = 8000,
 ) -> None:
