@@ -7,7 +7,9 @@ per-example loop that calls the same generator with `num_examples=1` and a fresh
 The per-example loop cycles through the task's length buckets (one single-bucket config each), so
 both sides make the same mix of row lengths; with `num_examples=1` a mixture config would always
 give its first, shortest bucket. The text path (read and split the corpus, then cut the train
-stream into rows) is reported in bytes/s; it has no per-example counterpart.
+stream into rows) is reported in bytes/s; it has no per-example counterpart. Last, the whole
+Ray Data pipeline (`build_datasets` into a fresh cache: parallel generation, Parquet, read back)
+in examples/s, against the same per-example loop.
 
 Run from the repository root: `.venv/bin/python benchmarks/bench_data.py [--quick]`.
 """
@@ -16,12 +18,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import tempfile
 import textwrap
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+import ray.data
 from bench_common import (
     format_table,
     log,
@@ -32,12 +40,19 @@ from bench_common import (
 )
 from pydantic import TypeAdapter
 
-from pipelines.data.config import TaskConfig, TextTask
+from pipelines.data.build import build_datasets
+from pipelines.data.config import DataConfig, TaskConfig, TextTask
 from pipelines.data.tasks import GENERATORS
 from pipelines.data.text import load_corpus, stream_rows
 
 # Small enough for a smoke run in seconds; explicit options still override it.
-QUICK = {"examples": 2000, "ref_examples": 100, "repeats": 1, "text_max_bytes": 1_000_000}
+QUICK = {
+    "examples": 2000,
+    "ref_examples": 100,
+    "repeats": 1,
+    "text_max_bytes": 1_000_000,
+    "pipeline_examples": 4000,
+}
 NOTE = (
     "ratio = vectorised examples/s / per-example examples/s, both on one Python thread (numpy; "
     "torch is not used). The per-example loop calls the generator once per example "
@@ -122,6 +137,52 @@ def measure_text(args: argparse.Namespace, log: Callable[[str], None]) -> list[T
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class PipelineRow:
+    kind: str
+    examples: int
+    seconds: float
+    pipeline_examples_per_s: float
+    per_example_examples_per_s: float
+    ratio: float
+
+
+def measure_pipeline(kind: str, args: argparse.Namespace, per_example: float) -> PipelineRow:
+    """`build_datasets` end to end on a local Ray, into a fresh cache: blocks generated in
+    parallel, written to Parquet, read back as Ray Datasets; against the per-example loop."""
+    config = DataConfig(
+        task=default_config(kind),
+        num_train_examples=args.pipeline_examples,
+        num_test_examples=max(64, args.pipeline_examples // 20),
+        blocks=args.pipeline_blocks,
+        seed=args.seed,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        config = config.model_copy(update={"cache_dir": Path(folder)})
+        start = time.perf_counter()
+        prepared = build_datasets(config)
+        rows = prepared.train.count() + prepared.test.count()
+        seconds = time.perf_counter() - start
+    rate = rows / seconds
+    return PipelineRow(kind, rows, seconds, rate, per_example, rate / per_example)
+
+
+def pipeline_table(rows: list[PipelineRow]) -> str:
+    headers = ["task", "examples", "seconds", "pipeline ex/s", "per-example ex/s", "ratio"]
+    cells = [
+        [
+            row.kind,
+            f"{row.examples:,}",
+            f"{row.seconds:.1f}",
+            f"{row.pipeline_examples_per_s:,.0f}",
+            f"{row.per_example_examples_per_s:,.0f}",
+            f"{row.ratio:.1f}x",
+        ]
+        for row in rows
+    ]
+    return format_table(headers, cells)
+
+
 def task_table(rows: list[TaskRow]) -> str:
     headers = ["task", "row width", "vectorised ex/s", "per-example ex/s", "ratio"]
     cells = [
@@ -153,6 +214,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kinds", nargs="+", choices=list(GENERATORS), help="default: all")
     parser.add_argument("--text-max-bytes", type=int, default=defaults.max_bytes)
     parser.add_argument("--stream-len", type=int, default=defaults.stream_len)
+    parser.add_argument(
+        "--pipeline-examples", type=int, default=100_000, help="train rows per Ray Data build"
+    )
+    parser.add_argument("--pipeline-blocks", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     return parse_with_quick(parser, argv, QUICK)
 
@@ -167,17 +232,25 @@ def main(argv: list[str] | None = None) -> None:
         tasks.append(measure_task(kind, args, log))
     log(f"[text] standard-library corpus, max_bytes={args.text_max_bytes:,}")
     text = measure_text(args, log)
+    log("[pipeline] build_datasets on a local Ray (2 logical CPUs per core), fresh cache")
+    ray.init(num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    pipeline = [measure_pipeline(row.kind, args, row.per_example_examples_per_s) for row in tasks]
+    ray.shutdown()
     log("")
     log(task_table(tasks))
     log(textwrap.fill(NOTE, width=100))
     log("")
     log(text_table(text))
+    log("")
+    log(pipeline_table(pipeline))
     payload = {
         "machine": machine_info(numpy=np.__version__),
         "settings": vars(args),
         "note": NOTE,
         "tasks": [dataclasses.asdict(row) for row in tasks],
         "text": [dataclasses.asdict(row) for row in text],
+        "pipeline": [dataclasses.asdict(row) for row in pipeline],
     }
     log(f"wrote {write_json('data.json', payload)}")
 
