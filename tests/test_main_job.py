@@ -58,6 +58,8 @@ def test_memlab_run_goes_from_data_to_a_served_session(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("memlab-champion", "champion")
     assert champion.tags["mechanism"] == '"attention"'
+    token = Path.home() / ".ray" / "auth_token"
+    assert token.stat().st_mode & 0o077 == 0  # the cluster's token is the owner's alone
 
 
 def test_a_bad_override_fails_before_ray_starts(tmp_path: Path):

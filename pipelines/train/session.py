@@ -10,6 +10,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import ray
 from rich.console import Console
@@ -40,6 +41,15 @@ def local_ray(address: str | None = None) -> None:
         dashboard_host="127.0.0.1",
         log_to_driver=True,
     )
+    _private_token()
+
+
+def _private_token() -> None:
+    """`ray.init` writes the cluster's auth token readable by every local user (mode 644 seen):
+    only the owner should be able to reach the cluster with it."""
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file():
+        token.chmod(0o600)
 
 
 def run_training(
