@@ -72,6 +72,23 @@ class PreparedData:
 
 def build_datasets(config: DataConfig, progress: Progress | None = None) -> PreparedData:
     """Prepare (or reuse) the data for `config`; all checks run before any Ray work."""
+    path, cached = fill_cache(config, progress)
+    manifest = Manifest.model_validate_json((path / MANIFEST).read_text())
+    return PreparedData(
+        train=_read_split(path / "train"),
+        test=_read_split(path / "test"),
+        vocab_size=manifest.vocab_size,
+        metadata=manifest,
+        path=path,
+        cached=cached,
+    )
+
+
+def fill_cache(config: DataConfig, progress: Progress | None = None) -> tuple[Path, bool]:
+    """Write the data for `config` to its cache folder unless it is there; read nothing back.
+
+    Returns `(folder, cached)`. A sweep calls this once before its trials, which then only read.
+    """
     say = progress or (lambda _message: None)
     config.check()
     corpus = load_corpus(config.task, config.seed) if isinstance(config.task, TextTask) else None
@@ -82,15 +99,7 @@ def build_datasets(config: DataConfig, progress: Progress | None = None) -> Prep
         say(f"reusing cached data at {path}")
     else:
         _write_atomically(path, lambda scratch: _fill(config, corpus, key, scratch, say))
-    manifest = Manifest.model_validate_json((path / MANIFEST).read_text())
-    return PreparedData(
-        train=_read_split(path / "train"),
-        test=_read_split(path / "test"),
-        vocab_size=manifest.vocab_size,
-        metadata=manifest,
-        path=path,
-        cached=cached,
-    )
+    return path, cached
 
 
 def _read_split(folder: Path) -> ray.data.Dataset:

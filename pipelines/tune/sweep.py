@@ -20,7 +20,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from pipelines.data.build import build_datasets
+from pipelines.data.build import fill_cache
 from pipelines.experiment import ExperimentConfig, apply_overrides
 from pipelines.tune import report
 from pipelines.tune.space import Dimension, grid_size, parse_space, tune_param_space
@@ -64,7 +64,7 @@ def run_sweep(
     space = parse_space(raw_space, base)  # fails here, before any trial, on a bad key or value
     base = base.with_absolute_paths()  # trials run in their own working directories
     if not any(key.startswith("data.") for key in space):
-        build_datasets(base.data)  # once here, so trials reuse the cache instead of racing on it
+        fill_cache(base.data)  # once here, so trials reuse the cache instead of racing on it
     storage = settings.storage_path.resolve()
     parent_run_id = report.open_parent_run(base, settings)
     trainable = tune.with_resources(
