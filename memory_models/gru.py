@@ -32,6 +32,8 @@ class GRUConfig(MemoryConfig):
     replaces its memory outright. 0 gives the textbook GRU.
     """
 
+    shape_bound = frozenset({"memory_size"})  # the hidden size sizes every weight
+
     kind: Literal["gru"] = "gru"
     memory_size: int = Field(default=64, ge=1)
 

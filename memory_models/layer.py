@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from memory_models.state import MemoryState
@@ -26,9 +26,30 @@ class MemoryConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    #: Settings whose value fixes a parameter's shape (an LSTM's hidden size). The others can
+    #: change between steps of one run with the same weights: a capacity controller or
+    #: population-based tuning may move only those.
+    shape_bound: ClassVar[frozenset[str]] = frozenset()
+    #: False for a mechanism with nothing to forget; its `forget_threshold` must stay 0.
+    forgets: ClassVar[bool] = True
+
     kind: str
     memory_size: int | None = Field(default=32, ge=1)
     forget_threshold: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _threshold_needs_something_to_forget(self) -> MemoryConfig:
+        if not self.forgets and self.forget_threshold != 0.0:
+            raise ValueError(
+                f"forget_threshold={self.forget_threshold}: kind {self.kind!r} has no decay or "
+                "eviction, so there is nothing to forget; leave forget_threshold at 0"
+            )
+        return self
+
+    @classmethod
+    def movable_settings(cls) -> frozenset[str]:
+        """The shared settings that may change mid-run without touching parameter shapes."""
+        return frozenset({"memory_size", "forget_threshold"}) - cls.shape_bound
 
     def build(self, d_model: int) -> MemoryLayer:
         """The layer this config describes, for inputs of width `d_model`."""

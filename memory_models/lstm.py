@@ -32,6 +32,8 @@ class LSTMConfig(MemoryConfig):
     completely instead of leaking a sliver of stale memory. 0 gives the textbook LSTM.
     """
 
+    shape_bound = frozenset({"memory_size"})  # the hidden size sizes every weight
+
     kind: Literal["lstm"] = "lstm"
     memory_size: int = Field(default=64, ge=1)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from layer_helpers import assert_states_close, grads, randn, run_chunks, with_config
 from pydantic import ValidationError
 
 from memory_models.attention import AttentionConfig, AttentionLayer, AttentionState
@@ -25,47 +26,14 @@ def make_layer(memory_size: int | None = WINDOW, threshold: float = 0.0) -> Atte
     return config.build(D_MODEL).double()
 
 
-def sibling(layer: AttentionLayer, **update) -> AttentionLayer:
-    """A layer with the same weights and other config fields."""
-    other = layer.config.model_copy(update=update).build(layer.d_model).double()
-    other.load_state_dict(layer.state_dict())
-    return other
-
-
-def randn(*shape: int) -> torch.Tensor:
-    return torch.randn(*shape, D_MODEL, dtype=torch.float64)
-
-
-def run_chunks(forward, x, state, chunks):
-    outputs, start = [], 0
-    for size in chunks:
-        y, state = forward(x[:, start : start + size], state)
-        outputs.append(y)
-        start += size
-    return torch.cat(outputs, dim=1), state
-
-
-def assert_states_close(a: AttentionState, b: AttentionState, atol: float = 1e-9) -> None:
-    for name, tensor in a.tensors().items():
-        other = b.tensors()[name]
-        assert tensor.shape == other.shape, name
-        if tensor.is_floating_point():
-            torch.testing.assert_close(tensor, other, atol=atol, rtol=0, msg=name)
-        else:
-            assert torch.equal(tensor, other), name
-
-
-def grads(y: torch.Tensor, weights: torch.Tensor, inputs: list[torch.Tensor]) -> tuple:
-    return torch.autograd.grad((y * weights).sum(), inputs)
-
-
 @pytest.mark.parametrize("steps", [1, 33, 63])
 @pytest.mark.parametrize(("memory_size", "threshold"), SETTINGS)
 def test_fast_matches_reference(memory_size, threshold, steps):
     layer = make_layer(memory_size, threshold)
     with torch.no_grad():
-        _, warm = layer(randn(2, 11))  # a non-empty cache, so cache and chunk keys both matter
-    x = randn(2, steps).requires_grad_()
+        # A non-empty cache, so cache and chunk keys both matter.
+        _, warm = layer(randn(2, 11, D_MODEL))
+    x = randn(2, steps, D_MODEL).requires_grad_()
     y_fast, s_fast = layer(x, warm)
     y_ref, s_ref = layer.reference_forward(x, warm)
     torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
@@ -81,7 +49,7 @@ def test_fast_matches_reference(memory_size, threshold, steps):
 @pytest.mark.parametrize(("memory_size", "threshold"), SETTINGS)
 def test_fast_matches_reference_streaming_in_uneven_chunks(memory_size, threshold):
     layer = make_layer(memory_size, threshold)
-    x = randn(3, 40)
+    x = randn(3, 40, D_MODEL)
     chunks = [1, 1, 9, 3, 17, 1, 8]
     y_fast, s_fast = run_chunks(layer, x, None, chunks)
     y_ref, s_ref = run_chunks(layer.reference_forward, x, None, chunks)
@@ -93,7 +61,7 @@ def test_fast_matches_reference_streaming_in_uneven_chunks(memory_size, threshol
 def test_chunked_equals_full_pass_at_threshold_zero(memory_size):
     layer = make_layer(memory_size)
     assert layer.chunk_invariant()
-    x = randn(2, 33).requires_grad_()
+    x = randn(2, 33, D_MODEL).requires_grad_()
     y_full, s_full = layer(x)
     y_chunked, s_chunked = run_chunks(layer, x, None, [5, 1, 11, 16])
     torch.testing.assert_close(y_chunked, y_full, atol=1e-9, rtol=0)
@@ -113,7 +81,7 @@ def test_threshold_makes_the_layer_chunk_dependent():
 
 def test_sliding_window_sees_exactly_the_last_memory_size_tokens():
     layer = make_layer(WINDOW)
-    x = randn(1, 30)
+    x = randn(1, 30, D_MODEL)
     t = 20
     y, _ = run_chunks(layer, x, None, [7, 13, 10])
     outside, inside = x.clone(), x.clone()
@@ -127,7 +95,7 @@ def test_sliding_window_sees_exactly_the_last_memory_size_tokens():
 
 def test_full_context_sees_the_first_token():
     layer = make_layer(None)
-    x = randn(1, 40)
+    x = randn(1, 40, D_MODEL)
     changed = x.clone()
     changed[:, 0] += 1.0
     y, state = run_chunks(layer, x, None, [1, 20, 19])
@@ -141,7 +109,7 @@ def test_state_size_bytes_is_exact_at_threshold_zero(memory_size):
     layer = make_layer(memory_size)
     for seq_len, chunks in [(1, [1]), (8, [3, 5]), (33, [5, 1, 11, 16])]:
         with torch.no_grad():
-            _, state = run_chunks(layer, randn(2, seq_len), None, chunks)
+            _, state = run_chunks(layer, randn(2, seq_len, D_MODEL), None, chunks)
         expected = layer.state_size_bytes(seq_len, torch.float64)
         assert state.nbytes_per_sequence() == expected
         assert state.positions.tolist()[0] == list(range(seq_len - state.keys.shape[1], seq_len))
@@ -159,7 +127,7 @@ def test_live_entries_never_exceed_memory_size(memory_size, threshold, chunks, s
     state = None
     for size in chunks:
         with torch.no_grad():
-            _, state = layer(scale * randn(3, size), state)
+            _, state = layer(scale * randn(3, size, D_MODEL), state)
         assert (state.live_entries() <= memory_size).all()
         assert state.valid.sum(1).equal(state.live_entries())
 
@@ -168,11 +136,11 @@ def test_live_entries_never_exceed_memory_size(memory_size, threshold, chunks, s
 def test_higher_threshold_never_keeps_more(memory_size):
     base = make_layer(memory_size)
     with torch.no_grad():
-        _, warm = base(randn(4, 13))
-        x = randn(4, 19)
+        _, warm = base(randn(4, 13, D_MODEL))
+        x = randn(4, 19, D_MODEL)
         live = []
         for threshold in (0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8):
-            _, state = sibling(base, forget_threshold=threshold)(x, warm)
+            _, state = with_config(base, forget_threshold=threshold)(x, warm)
             live.append(state.live_entries())
     for looser, stricter in itertools.pairwise(live):
         assert (stricter <= looser).all()
@@ -202,7 +170,7 @@ def oracle_share(layer: AttentionLayer, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("threshold", [0.02, 0.1, 0.25])
 def test_the_most_attended_entries_are_kept(threshold):
     layer = make_layer(WINDOW, threshold)
-    x = 2.0 * randn(3, 30)
+    x = 2.0 * randn(3, 30, D_MODEL)
     with torch.no_grad():
         share = oracle_share(layer, x)
         _, state = layer(x)
@@ -223,8 +191,8 @@ def test_the_most_attended_entries_are_kept(threshold):
 
 def test_threshold_without_window_keeps_exactly_the_entries_above_it():
     tracker = make_layer(None, 1e-12)  # tracks shares, evicts nothing (every share is > 0)
-    strict = sibling(tracker, forget_threshold=0.15)
-    x = randn(2, 25)
+    strict = with_config(tracker, forget_threshold=0.15)
+    x = randn(2, 25, D_MODEL)
     with torch.no_grad():
         _, everything = tracker(x)
         _, state = strict(x)
@@ -238,9 +206,9 @@ def test_threshold_without_window_keeps_exactly_the_entries_above_it():
 def test_padded_batch_equals_each_sequence_alone(memory_size, threshold):
     layer = make_layer(memory_size, threshold)
     with torch.no_grad():
-        states = [layer(randn(1, n))[1] for n in (2, 17, 9)]
+        states = [layer(randn(1, n, D_MODEL))[1] for n in (2, 17, 9)]
         stacked = AttentionState.stack(states)
-        step = randn(3, 5)
+        step = randn(3, 5, D_MODEL)
         y_batched, s_batched = layer(step, stacked)
         for i, state in enumerate(states):
             y_alone, s_alone = layer(step[i : i + 1], state)
@@ -259,14 +227,14 @@ def test_padded_batch_equals_each_sequence_alone(memory_size, threshold):
 def test_extra_zero_slots_change_nothing():
     layer = make_layer(WINDOW, 0.1)
     with torch.no_grad():
-        _, state = layer(randn(2, 12))
+        _, state = layer(randn(2, 12, D_MODEL))
         wide = AttentionState(
             **{
                 name: torch.cat([t, torch.zeros_like(t[:, :3])], 1) if t.dim() > 1 else t
                 for name, t in state.tensors().items()
             }
         )
-        x = randn(2, 6)
+        x = randn(2, 6, D_MODEL)
         y, s = layer(x, state)
         y_wide, s_wide = layer(x, wide)
     torch.testing.assert_close(y_wide, y, atol=1e-12, rtol=0)

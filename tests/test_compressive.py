@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from layer_helpers import assert_states_close, randn, run_chunks, warm_state, with_config
 from pydantic import ValidationError
 
 from memory_models.compressive import (
@@ -31,42 +32,6 @@ def make_layer(
     return config.build(d_model).double()
 
 
-def with_threshold(layer: CompressiveLayer, threshold: float) -> CompressiveLayer:
-    """A layer with the same weights and another threshold."""
-    config = layer.config.model_copy(update={"forget_threshold": threshold})
-    other = config.build(layer.d_model).double()
-    other.load_state_dict(layer.state_dict())
-    return other
-
-
-def randn(*shape: int) -> torch.Tensor:
-    return torch.randn(*shape, dtype=torch.float64)
-
-
-def run_chunks(forward, x, state, chunks):
-    outputs, start = [], 0
-    for size in chunks:
-        y, state = forward(x[:, start : start + size], state)
-        outputs.append(y)
-        start += size
-    return torch.cat(outputs, dim=1), state
-
-
-def assert_states_equal(a: CompressiveState, b: CompressiveState, atol: float = 1e-9) -> None:
-    for name, tensor in a.tensors().items():
-        other = b.tensors()[name]
-        assert tensor.shape == other.shape, name
-        if tensor.is_floating_point():
-            torch.testing.assert_close(tensor, other, atol=atol, rtol=0, msg=name)
-        else:
-            assert torch.equal(tensor, other), name
-
-
-def warm_state(layer: CompressiveLayer, batch: int, tokens: int) -> CompressiveState:
-    with torch.no_grad():
-        return layer(randn(batch, tokens, layer.d_model))[1]
-
-
 def compression_parameters(layer: CompressiveLayer) -> set[str]:
     return {f"compressor.{name}" for name, _ in layer.compressor.named_parameters()}
 
@@ -83,7 +48,7 @@ def test_fast_matches_reference_outputs_state_gradients_and_aux(length, threshol
     y_ref, s_ref = layer.reference_forward(x, state)
     aux_ref = layer.auxiliary_loss()
     torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_equal(s_fast, s_ref)
+    assert_states_close(s_fast, s_ref)
     assert (aux_fast is None) == (aux_ref is None)
     if aux_fast is not None:
         torch.testing.assert_close(aux_fast, aux_ref, atol=1e-12, rtol=0)
@@ -121,7 +86,7 @@ def test_streaming_chunks_match_reference_on_same_chunks(threshold):
     y_fast, s_fast = run_chunks(layer, x, None, chunks)
     y_ref, s_ref = run_chunks(layer.reference_forward, x, None, chunks)
     torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_equal(s_fast, s_ref)
+    assert_states_close(s_fast, s_ref)
 
 
 @pytest.mark.parametrize(("d_model", "n_heads"), [(10, 4), (9, 2), (7, 1)])
@@ -132,7 +97,7 @@ def test_widths_that_do_not_divide_into_heads(d_model, n_heads):
     y_ref, s_ref = run_chunks(layer.reference_forward, x, None, [5, 7])
     assert y_fast.shape == x.shape
     torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_equal(s_fast, s_ref)
+    assert_states_close(s_fast, s_ref)
 
 
 def test_fifo_and_mean_pool_compression_by_hand():
@@ -278,8 +243,8 @@ def test_raising_the_threshold_never_keeps_more_entries(thresholds, steps, seed)
     torch.manual_seed(seed)
     low_threshold, high_threshold = sorted(thresholds)
     low = make_layer(low_threshold, memory_size=6, d_model=8, n_heads=2)
-    high = with_threshold(low, high_threshold)
-    state = warm_state(with_threshold(low, 0.0), 3, 10)
+    high = with_config(low, forget_threshold=high_threshold)
+    state = warm_state(with_config(low, forget_threshold=0.0), 3, 10)
     x = randn(3, steps, 8)
     with torch.no_grad():
         _, kept_low = low(x, state)
@@ -299,7 +264,7 @@ def test_threshold_drops_exactly_the_leaving_entries_attended_too_little():
     leaving_share = fifo_share[0, :8]
     threshold = leaving_share.median().item()
     with torch.no_grad():
-        _, thresholded = with_threshold(layer, threshold)(x)
+        _, thresholded = with_config(layer, forget_threshold=threshold)(x)
     survive = leaving_share >= threshold
     groups = survive.view(4, 2)
     made = groups.any(1)
@@ -313,7 +278,7 @@ def test_threshold_drops_exactly_the_leaving_entries_attended_too_little():
 def layer_shares(layer: CompressiveLayer, x: torch.Tensor) -> torch.Tensor:
     """Each input token's attention share in a pass from the empty state: `[B, T]`."""
     with torch.no_grad():
-        big = with_threshold(layer, 0.0)
+        big = with_config(layer, forget_threshold=0.0)
         config = big.config.model_copy(update={"memory_size": 1000})
         wide = config.build(layer.d_model).double()
         wide.load_state_dict(big.state_dict())
@@ -325,7 +290,7 @@ def test_overflowing_compressed_memory_keeps_the_most_attended_slots():
     """4 old + 2 new compressed slots compete for 4 places: FIFO order keeps the newest, a
     threshold keeps the four the chunk attended most."""
     layer = make_layer(0.001, memory_size=8, compression="mean_pool")
-    fifo_layer = with_threshold(layer, 0.0)
+    fifo_layer = with_config(layer, forget_threshold=0.0)
     roomy = (
         CompressiveConfig(
             memory_size=12, cmem_fraction=2 / 3, compression="mean_pool", forget_threshold=0.001
@@ -358,7 +323,7 @@ def test_padded_batch_equals_each_sequence_alone(threshold):
         y_batched, s_batched = layer(step, CompressiveState.stack(states))
         y_ref, s_ref = layer.reference_forward(step, CompressiveState.stack(states))
         torch.testing.assert_close(y_batched, y_ref, atol=1e-9, rtol=0)
-        assert_states_equal(s_batched, s_ref)
+        assert_states_close(s_batched, s_ref)
         for i, (state, back) in enumerate(zip(states, s_batched.split(1), strict=True)):
             y_alone, s_alone = layer(step[i : i + 1], state)
             torch.testing.assert_close(y_batched[i : i + 1], y_alone, atol=1e-9, rtol=0)

@@ -5,8 +5,10 @@ A new mechanism is covered by adding it to `memory_models.registry.REGISTRY`.
 
 from __future__ import annotations
 
+import layer_helpers
 import pytest
 import torch
+from layer_helpers import UNEVEN_CHUNKS, assert_states_close, run_chunks
 from pydantic import ValidationError
 
 from memory_models.layer import MemoryLayer
@@ -17,32 +19,14 @@ D_MODEL = 32
 MEMORY_SIZE = 8
 KINDS = list(REGISTRY)
 THRESHOLDS = [0.0, 0.3]
-UNEVEN_CHUNKS = [5, 1, 11, 16]  # 33 tokens
 
 
 def make_layer(kind: str, threshold: float = 0.0, dtype=torch.float64) -> MemoryLayer:
-    config = REGISTRY[kind](memory_size=MEMORY_SIZE, forget_threshold=threshold)
-    return config.build(D_MODEL).to(dtype)
-
-
-def run_chunks(forward, x, state, chunks):
-    outputs, start = [], 0
-    for size in chunks:
-        y, state = forward(x[:, start : start + size], state)
-        outputs.append(y)
-        start += size
-    return torch.cat(outputs, dim=1), state
-
-
-def assert_states_close(a, b, atol=1e-9):
-    assert type(a) is type(b)
-    for name, tensor in a.tensors().items():
-        other = b.tensors()[name]
-        assert tensor.shape == other.shape, name
-        if tensor.is_floating_point():
-            torch.testing.assert_close(tensor, other, atol=atol, rtol=0, msg=name)
-        else:
-            assert torch.equal(tensor, other), name
+    if threshold > 0 and not REGISTRY[kind].forgets:
+        pytest.skip(f"{kind} has nothing to forget (forget_threshold must be 0)")
+    return layer_helpers.make_layer(
+        kind, memory_size=MEMORY_SIZE, threshold=threshold, d_model=D_MODEL, dtype=dtype
+    )
 
 
 def test_registry_is_explicit_and_consistent():
@@ -61,6 +45,24 @@ def test_registry_is_explicit_and_consistent():
         layer = config.build(D_MODEL)
         assert isinstance(layer, MemoryLayer)
         assert isinstance(layer.init_state(2), layer.state_type)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shape_bound_settings_are_declared(kind):
+    """Exactly the settings that change a parameter's shape are declared shape-bound."""
+    config_cls = REGISTRY[kind]
+    small = config_cls(memory_size=MEMORY_SIZE).build(D_MODEL).state_dict()
+    large = config_cls(memory_size=2 * MEMORY_SIZE).build(D_MODEL).state_dict()
+    reshaped = any(small[name].shape != large[name].shape for name in small)
+    assert set(small) == set(large)
+    assert reshaped == ("memory_size" in config_cls.shape_bound)
+    assert "forget_threshold" not in config_cls.shape_bound
+
+
+@pytest.mark.parametrize("kind", [kind for kind in KINDS if not REGISTRY[kind].forgets])
+def test_a_threshold_without_anything_to_forget_is_refused(kind):
+    with pytest.raises(ValidationError, match="nothing to forget"):
+        memory_config({"kind": kind, "forget_threshold": 0.1})
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from layer_helpers import assert_states_close, randn, warm_state, with_config
 from pydantic import ValidationError
 
 from memory_models.dynamic_memory import (
@@ -27,42 +28,6 @@ UNEVEN_CHUNKS = [5, 1, 11, 16]  # 33 tokens
 def make_layer(threshold: float = 0.0, **fields) -> DynamicMemoryLayer:
     config = DynamicMemoryConfig(memory_size=MEMORY_SIZE, forget_threshold=threshold, **fields)
     return config.build(D_MODEL).double()
-
-
-def with_threshold(layer: DynamicMemoryLayer, threshold: float) -> DynamicMemoryLayer:
-    """A layer with the same weights and another forget threshold."""
-    config = layer.config.model_copy(update={"forget_threshold": threshold})
-    other = config.build(layer.d_model).double()
-    other.load_state_dict(layer.state_dict())
-    return other
-
-
-def randn(*shape: int) -> torch.Tensor:
-    return torch.randn(*shape, dtype=torch.float64)
-
-
-def run_chunks(forward, x, state, chunks):
-    outputs, start = [], 0
-    for size in chunks:
-        y, state = forward(x[:, start : start + size], state)
-        outputs.append(y)
-        start += size
-    return torch.cat(outputs, dim=1), state
-
-
-def assert_states_equal(a: DynamicMemoryState, b: DynamicMemoryState, atol: float = 1e-9) -> None:
-    for name, tensor in a.tensors().items():
-        other = b.tensors()[name]
-        assert tensor.shape == other.shape, name
-        if tensor.is_floating_point():
-            torch.testing.assert_close(tensor, other, atol=atol, rtol=0, msg=name)
-        else:
-            assert torch.equal(tensor, other), name
-
-
-def warm_state(layer: DynamicMemoryLayer, batch: int, tokens: int) -> DynamicMemoryState:
-    with torch.no_grad():
-        return layer(randn(batch, tokens, layer.d_model))[1]
 
 
 def identity_layer(threshold: float = 0.0, strength: float = 50.0) -> DynamicMemoryLayer:
@@ -111,7 +76,7 @@ def test_fast_matches_reference_outputs_state_stats_and_gradients(
     stats_fast = layer.last_step_stats
     y_ref, s_ref = layer.reference_forward(x, state)
     torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_equal(s_fast, s_ref)
+    assert_states_close(s_fast, s_ref)
     for name in STEP_STATS:
         assert torch.equal(stats_fast[name], layer.last_step_stats[name]), name
 
@@ -151,7 +116,7 @@ def test_chunked_with_carried_state_equals_full_pass(threshold):
         stats.append(layer.last_step_stats)
         start += size
     torch.testing.assert_close(torch.cat(outputs, dim=1), y_full, atol=1e-9, rtol=0)
-    assert_states_equal(state, s_full)
+    assert_states_close(state, s_full)
     for name in STEP_STATS:
         assert torch.equal(torch.cat([s[name] for s in stats], dim=1), stats_full[name]), name
 
@@ -231,8 +196,8 @@ def test_raising_forget_threshold_never_increases_live_slots(
     state = warm_state(base, 4, warm_tokens)
     x = randn(4, 1, D_MODEL)
     with torch.no_grad():
-        _, s_low = with_threshold(base, low)(x, state)
-        _, s_high = with_threshold(base, high)(x, state)
+        _, s_low = with_config(base, forget_threshold=low)(x, state)
+        _, s_high = with_config(base, forget_threshold=high)(x, state)
     assert (s_high.live_entries() <= s_low.live_entries()).all()
     assert not (s_high.live & ~s_low.live).any()
 
@@ -247,7 +212,7 @@ def test_higher_forget_threshold_holds_fewer_slots_over_a_long_stream():
     means = []
     with torch.no_grad():
         for threshold in (0.0, 0.4, 0.8, 0.95):
-            layer = with_threshold(base, threshold)
+            layer = with_config(base, forget_threshold=threshold)
             layer(x)
             means.append(layer.last_step_stats["live_slots"].double().mean().item())
     assert all(later <= earlier for earlier, later in itertools.pairwise(means))
@@ -344,7 +309,7 @@ def test_padded_batch_equals_each_sequence_alone():
         for i, state in enumerate(states):
             y_alone, s_alone = layer(x[i : i + 1], state)
             torch.testing.assert_close(y_batched[i : i + 1], y_alone, atol=1e-9, rtol=0)
-            assert_states_equal(s_batched.split(1)[i], s_alone)
+            assert_states_close(s_batched.split(1)[i], s_alone)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from layer_helpers import assert_states_close, randn, run_chunks, warm_state, with_config
 from pydantic import ValidationError
 
 from memory_models.memory_network import (
@@ -33,42 +34,6 @@ def make_layer(threshold: float = 0.0, **fields) -> MemoryNetworkLayer:
     fields = {"memory_size": MEMORY_SIZE, "word_size": WORD_SIZE, "controller_size": 12, **fields}
     config = MemoryNetworkConfig(forget_threshold=threshold, **fields)
     return config.build(D_MODEL).double()
-
-
-def with_threshold(layer: MemoryNetworkLayer, threshold: float) -> MemoryNetworkLayer:
-    """A layer with the same weights and another forget threshold."""
-    config = layer.config.model_copy(update={"forget_threshold": threshold})
-    other = config.build(layer.d_model).double()
-    other.load_state_dict(layer.state_dict())
-    return other
-
-
-def randn(*shape: int) -> torch.Tensor:
-    return torch.randn(*shape, dtype=torch.float64)
-
-
-def run_chunks(forward, x, state, chunks):
-    outputs, start = [], 0
-    for size in chunks:
-        y, state = forward(x[:, start : start + size], state)
-        outputs.append(y)
-        start += size
-    return torch.cat(outputs, dim=1), state
-
-
-def assert_states_equal(a: MemoryNetworkState, b: MemoryNetworkState, atol: float = 1e-9) -> None:
-    for name, tensor in a.tensors().items():
-        other = b.tensors()[name]
-        assert tensor.shape == other.shape, name
-        if tensor.is_floating_point():
-            torch.testing.assert_close(tensor, other, atol=atol, rtol=0, msg=name)
-        else:
-            assert torch.equal(tensor, other), name
-
-
-def warm_state(layer: MemoryNetworkLayer, batch: int, tokens: int) -> MemoryNetworkState:
-    with torch.no_grad():
-        return layer(randn(batch, tokens, layer.d_model))[1]
 
 
 def orthonormal(count: int, width: int = WORD_SIZE) -> torch.Tensor:
@@ -108,7 +73,7 @@ def test_fast_matches_reference_outputs_state_and_gradients(
     y_fast, s_fast = layer(x, state)
     y_ref, s_ref = layer.reference_forward(x, state)
     torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_equal(s_fast, s_ref)
+    assert_states_close(s_fast, s_ref)
 
     weights = torch.randn_like(y_fast)
     inputs = [x, *layer.parameters()]
@@ -137,10 +102,10 @@ def test_chunked_with_carried_state_equals_full_pass(controller, threshold):
     y_full, s_full = layer(x)
     y_chunked, s_chunked = run_chunks(layer, x, None, UNEVEN_CHUNKS)
     torch.testing.assert_close(y_chunked, y_full, atol=1e-9, rtol=0)
-    assert_states_equal(s_chunked, s_full)
+    assert_states_close(s_chunked, s_full)
     y_tokens, s_tokens = run_chunks(layer, x, None, [1] * x.shape[1])
     torch.testing.assert_close(y_tokens, y_full, atol=1e-9, rtol=0)
-    assert_states_equal(s_tokens, s_full)
+    assert_states_close(s_tokens, s_full)
 
 
 def test_a_hand_set_write_is_read_back_with_the_same_key():
@@ -308,11 +273,11 @@ def test_raising_forget_threshold_never_increases_live_rows(
         memory_size=memory_size, usage_decay=decay, word_size=WORD_SIZE, controller_size=12
     )
     base = config.build(D_MODEL).double()
-    state = warm_state(with_threshold(base, low), 4, warm_tokens)
+    state = warm_state(with_config(base, forget_threshold=low), 4, warm_tokens)
     x = randn(4, 1, D_MODEL)
     with torch.no_grad():
-        _, s_low = with_threshold(base, low)(x, state)
-        _, s_high = with_threshold(base, high)(x, state)
+        _, s_low = with_config(base, forget_threshold=low)(x, state)
+        _, s_high = with_config(base, forget_threshold=high)(x, state)
     assert (s_high.live_entries() <= s_low.live_entries()).all()
     assert not (s_high.live & ~s_low.live).any()
 
@@ -325,7 +290,10 @@ def test_raising_forget_threshold_over_several_tokens_does_not_increase_live_row
         state = warm_state(base, 4, 25)
         x = randn(4, 20, D_MODEL)
         with torch.no_grad():
-            lives = [with_threshold(base, t)(x, state)[1].live_entries() for t in thresholds]
+            lives = [
+                with_config(base, forget_threshold=t)(x, state)[1].live_entries()
+                for t in thresholds
+            ]
         for lower, higher in itertools.pairwise(lives):
             assert (higher <= lower).all()
 
@@ -336,7 +304,7 @@ def test_higher_forget_threshold_holds_fewer_rows_over_a_long_stream():
     means = []
     with torch.no_grad():
         for threshold in (0.0, 0.2, 0.4, 0.8, 0.95):
-            _, state = with_threshold(base, threshold)(x)
+            _, state = with_config(base, forget_threshold=threshold)(x)
             means.append(state.live_entries().double().mean().item())
     assert all(later <= earlier for earlier, later in itertools.pairwise(means))
     assert means[0] == 32 and means[-1] < 4
@@ -354,7 +322,7 @@ def test_padded_batch_equals_each_sequence_alone():
         for i, state in enumerate(states):
             y_alone, s_alone = layer(x[i : i + 1], state)
             torch.testing.assert_close(y_batched[i : i + 1], y_alone, atol=1e-9, rtol=0)
-            assert_states_equal(s_batched.split(1)[i], s_alone)
+            assert_states_close(s_batched.split(1)[i], s_alone)
 
 
 @pytest.mark.parametrize("controller", ["lstm", "mlp"])
