@@ -117,12 +117,12 @@ def tokens_per_second(
 ) -> float:
     """Training throughput: forward, cross-entropy and backward on one random batch."""
     tokens = torch.randint(0, VOCAB_SIZE, (sizes.batch_size, seq_len))
-    targets = torch.randint(0, VOCAB_SIZE, (sizes.batch_size, seq_len))
+    labels = torch.randint(0, VOCAB_SIZE, (sizes.batch_size, seq_len))
 
     def step() -> None:
         module.zero_grad(set_to_none=True)
         logits, _ = forward(tokens)  # [B, T, vocab]
-        F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
 
     return sizes.batch_size * seq_len / median_seconds(step, sizes.warmup, repeats)
 

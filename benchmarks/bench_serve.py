@@ -1,7 +1,7 @@
 """Serving under load: latency and throughput of the local Ray Serve deployment, over loopback.
 
 Four measurements, each against a fresh local deployment of one untrained model published to a
-temporary MLflow store (`serve.publish`), so nothing depends on an earlier sweep:
+temporary MLflow store (`pipelines.train.publish`), so nothing depends on an earlier sweep:
 
 * load: stateless `/v1/predict` requests of `--predict-len` tokens from `c` concurrent clients
   (c in `--concurrency`), `--requests` per level: p50/p99 latency, requests/s and tokens/s,
@@ -240,7 +240,7 @@ def in_process_predict_ms(model: SequenceModel, sizes: Sizes) -> float:
 
 
 def publish_model(sizes: Sizes, folder: str) -> tuple[str, str]:
-    from serve.publish import publish
+    from pipelines.train.publish import publish
 
     tracking = f"sqlite:///{folder}/mlflow.db"
     config = apply_overrides(
@@ -280,11 +280,11 @@ def serve_args(uri: str, tracking: str, sizes: Sizes, batching: bool):
 
 def run_all(sizes: Sizes, port: int, log: Callable[[str], None]) -> dict[str, Any]:
     """Both deployments (batching off and on) side by side, one replica each, then measure."""
-    from pipelines.train.session import local_ray
+    from pipelines.runtime import start_private
     from serve.loading import load_served_model
     from serve.local import start_local, stop_local
 
-    local_ray()
+    start_private()
     with tempfile.TemporaryDirectory() as folder:
         uri, tracking = publish_model(sizes, folder)
         model = load_served_model(uri, tracking).model

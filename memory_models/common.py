@@ -78,6 +78,30 @@ def compact_slots(
     return out, valid
 
 
+def rows_to_slots(
+    rows: list[list[tuple[Tensor, int | Tensor, float | Tensor]]], like: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reference paths' cache builder: each sequence's `(entry, position, share)` tuples written
+    to the front of zero-initialised slots, in order.
+
+    Returns `entries [B, L, D]`, `positions [B, L]` long, `valid [B, L]` bool and `share [B, L]`,
+    with L the longest row; `like: [B, T, D]` gives the batch, width, dtype and device.
+    """
+    batch, _, width = like.shape
+    length = max(len(row) for row in rows)
+    entries = like.new_zeros(batch, length, width)
+    positions = torch.zeros(batch, length, dtype=torch.long, device=like.device)
+    valid = torch.zeros(batch, length, dtype=torch.bool, device=like.device)
+    share = like.new_zeros(batch, length)
+    for b, row in enumerate(rows):
+        for n, (entry, position, entry_share) in enumerate(row):
+            entries[b, n] = entry
+            positions[b, n] = position
+            valid[b, n] = True
+            share[b, n] = entry_share
+    return entries, positions, valid, share
+
+
 def _pad_index(order: Tensor, length: int) -> Tensor:
     extra = order[:, :1].expand(-1, length - order.shape[1])
     return torch.cat([order, extra], dim=1)

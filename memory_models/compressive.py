@@ -16,6 +16,7 @@ from memory_models.common import (
     keep_largest,
     keep_newest,
     rotary,
+    rows_to_slots,
 )
 from memory_models.layer import MemoryConfig, MemoryLayer
 from memory_models.state import MemoryState
@@ -475,8 +476,8 @@ class CompressiveLayer(MemoryLayer):
         evictions: Tensor,
         compressions: Tensor,
     ) -> CompressiveState:
-        mem, mem_positions, mem_valid, mem_share = self._reference_slots(x, mem_rows)
-        cmem, cmem_positions, cmem_valid, cmem_share = self._reference_slots(x, cmem_rows)
+        mem, mem_positions, mem_valid, mem_share = rows_to_slots(mem_rows, x)
+        cmem, cmem_positions, cmem_valid, cmem_share = rows_to_slots(cmem_rows, x)
         return CompressiveState(
             mem=mem,
             mem_positions=mem_positions,
@@ -490,20 +491,3 @@ class CompressiveLayer(MemoryLayer):
             evictions=evictions,
             compressions=compressions,
         )
-
-    @staticmethod
-    def _reference_slots(x: Tensor, rows: list[list[tuple]]) -> tuple[Tensor, ...]:
-        """Write each sequence's entries to the front of zero-initialised slots."""
-        batch, _, width = x.shape
-        length = max(len(row) for row in rows)
-        entries = torch.zeros(batch, length, width, dtype=x.dtype, device=x.device)
-        positions = torch.zeros(batch, length, dtype=torch.long, device=x.device)
-        valid = torch.zeros(batch, length, dtype=torch.bool, device=x.device)
-        share = torch.zeros(batch, length, dtype=x.dtype, device=x.device)
-        for b, row in enumerate(rows):
-            for n, (entry, pos, entry_share) in enumerate(row):
-                entries[b, n] = entry
-                positions[b, n] = pos
-                valid[b, n] = True
-                share[b, n] = entry_share
-        return entries, positions, valid, share

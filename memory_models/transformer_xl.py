@@ -10,7 +10,12 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from memory_models.common import compact_slots, keep_above_threshold, keep_newest
+from memory_models.common import (
+    compact_slots,
+    keep_above_threshold,
+    keep_newest,
+    rows_to_slots,
+)
 from memory_models.layer import MemoryConfig, MemoryLayer
 from memory_models.state import MemoryState
 
@@ -263,24 +268,13 @@ class TransformerXLLayer(MemoryLayer):
         kept_rows: list[list[tuple[Tensor, Tensor, Tensor]]],
         evictions: Tensor,
     ) -> TransformerXLState:
-        """Write each sequence's kept entries to the front of zero-initialised slots."""
-        batch, steps, width = x.shape
-        length = max(len(row) for row in kept_rows)
-        memory = torch.zeros(batch, length, width, dtype=x.dtype, device=x.device)
-        positions = torch.zeros(batch, length, dtype=torch.long, device=x.device)
-        valid = torch.zeros(batch, length, dtype=torch.bool, device=x.device)
-        share = torch.zeros(batch, length, dtype=x.dtype, device=x.device)
-        for b, row in enumerate(kept_rows):
-            for n, (entry, pos, entry_share) in enumerate(row):
-                memory[b, n] = entry
-                positions[b, n] = pos
-                valid[b, n] = True
-                share[b, n] = entry_share
+        """Each sequence's kept entries at the front of zero-initialised slots."""
+        memory, positions, valid, share = rows_to_slots(kept_rows, x)
         return TransformerXLState(
             memory=memory,
             positions=positions,
             valid=valid,
             share=share,
-            position=state.position + steps,
+            position=state.position + x.shape[1],
             evictions=evictions,
         )

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from memory_models.layer import MemoryConfig
 from memory_models.model import SequenceModelConfig
 from pipelines.data.config import DataConfig
 
@@ -182,9 +183,9 @@ def _set_path(data: dict, key: str, value: Any) -> None:
         raise OverrideError(f"unknown config key {key!r}; known at this level: {known}")
     node[parts[-1]] = value
     if parts[-1] == "kind" and parts[-2:-1] == ["memory"]:
-        # A new mechanism: drop the old one's extra fields, keep the shared ones.
+        # A new mechanism: drop the old one's own fields, keep those every mechanism has.
         for name in list(node):
-            if name not in {"kind", "memory_size", "forget_threshold"}:
+            if name not in MemoryConfig.model_fields:
                 del node[name]
 
 

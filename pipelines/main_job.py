@@ -15,18 +15,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import ray
 from rich.console import Console
 from rich.table import Table
 
 from pipelines.data import tasks
 from pipelines.data.build import build_datasets
 from pipelines.data.config import MQARTask
-from pipelines.display import sweep_table
+from pipelines.display import sweep_progress, sweep_table
 from pipelines.experiment import RUNS_DIR, ExperimentConfig, apply_overrides
 from pipelines.recipes import mqar_demo
-from pipelines.train.session import local_ray
-from pipelines.tune.sweep import SweepOutcome, SweepSettings, run_sweep
+from pipelines.runtime import connect
+from pipelines.tune.settings import SweepOutcome, SweepSettings
+from pipelines.tune.space import grid_space, planned_trials
+from pipelines.tune.sweep import run_sweep
 
 IGNORE = -100
 
@@ -43,12 +44,16 @@ class MainJobSettings:
     ray_address: str | None = None
 
 
-def run_main_job(settings: MainJobSettings, console: Console) -> None:
+def main_config(settings: MainJobSettings) -> ExperimentConfig:
+    """The sweep's base config; a bad override fails here, before anything is written."""
     base = apply_overrides(mqar_demo(settings.kinds[0]), list(settings.overrides))
-    base.data.check()  # a bad override fails here, before Ray starts
-    base = base.with_absolute_paths()
-    started_ray = settings.ray_address is None and not ray.is_initialized()
-    local_ray(settings.ray_address)
+    base.data.check()
+    return base
+
+
+def run_main_job(settings: MainJobSettings, console: Console) -> None:
+    base = main_config(settings).with_absolute_paths()
+    runtime = connect(settings.ray_address, say=console.print)
     try:
         _prepare(base, console)
         outcome = _sweep(base, settings, console)
@@ -58,8 +63,7 @@ def run_main_job(settings: MainJobSettings, console: Console) -> None:
         _serve_and_demonstrate(base, outcome, settings, console)
         _summary(base, outcome, console)
     finally:
-        if started_ray:
-            ray.shutdown()
+        runtime.shutdown()
 
 
 def _prepare(base: ExperimentConfig, console: Console) -> None:
@@ -75,12 +79,8 @@ def _prepare(base: ExperimentConfig, console: Console) -> None:
 
 
 def _sweep(base: ExperimentConfig, settings: MainJobSettings, console: Console) -> SweepOutcome:
-    space = {
-        "model.memory.kind": {"grid": list(settings.kinds)},
-        "model.memory.memory_size": {"grid": list(settings.memory_sizes)},
-        "model.memory.forget_threshold": {"grid": list(settings.thresholds)},
-    }
-    trials = len(settings.kinds) * len(settings.memory_sizes) * len(settings.thresholds)
+    space = grid_space(settings.kinds, settings.memory_sizes, settings.thresholds)
+    trials = planned_trials(space)
     console.rule(
         f"[bold]2/4 sweep[/bold]  Ray Tune: {trials} trials, each a Ray Train job and an MLflow run"
     )
@@ -89,8 +89,8 @@ def _sweep(base: ExperimentConfig, settings: MainJobSettings, console: Console) 
     sweep = SweepSettings(
         name=settings.sweep_name, storage_path=RUNS_DIR / "tune", scheduler="fifo"
     )
-    with console.status(f"sweep {sweep.name}: {trials} trials running..."):
-        outcome = run_sweep(base, space, sweep, resume=True)
+    with sweep_progress(console, sweep.name, trials, sweep.metric, sweep.mode) as shown:
+        outcome = run_sweep(base, space, sweep, resume=True, callbacks=[shown])
     console.print(sweep_table(outcome))
     return outcome
 
@@ -125,7 +125,7 @@ def _serve_and_demonstrate(
 def _demonstrate(client, task: MQARTask, seed: int, console: Console) -> None:
     example = tasks.generate(task.test_task(), 1, seed)
     inputs = [int(t) for t in example["inputs"][0]]
-    targets = [int(t) for t in example["targets"][0]]
+    labels = [int(t) for t in example["labels"][0]]
     pairs = int(example["num_kv_pairs"][0])
     context, queries = inputs[: 2 * pairs], inputs[2 * pairs :]
 
@@ -138,7 +138,7 @@ def _demonstrate(client, task: MQARTask, seed: int, console: Console) -> None:
         f"  the session now holds {info.tokens_seen} tokens in {info.state_bytes:,} bytes of state"
     )
     answers = client.append(session.session_id, tokens=queries).answers
-    remembered = _recall_rows(queries, answers, targets[2 * pairs :])
+    remembered = _recall_rows(queries, answers, labels[2 * pairs :])
     client.delete(session.session_id)
 
     fresh = client.create_session()
@@ -147,10 +147,10 @@ def _demonstrate(client, task: MQARTask, seed: int, console: Console) -> None:
     console.print(_recall_table(remembered, forgotten))
 
 
-def _recall_rows(queries: list[int], answers: list[int], targets: list[int]) -> list[tuple]:
+def _recall_rows(queries: list[int], answers: list[int], labels: list[int]) -> list[tuple]:
     """(position, key, stored value, answer) at every position the task scores."""
     return [
-        (i, queries[i], targets[i], answers[i]) for i in range(len(queries)) if targets[i] != IGNORE
+        (i, queries[i], labels[i], answers[i]) for i in range(len(queries)) if labels[i] != IGNORE
     ]
 
 

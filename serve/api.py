@@ -1,7 +1,7 @@
 """The HTTP surface: FastAPI routes over a `MemlabService`, with the safety rules around them.
 
-- an API key (`X-API-Key`) on every route but `/healthz` and the docs, when one is configured,
-  compared in constant time and never logged;
+- an API key (`X-API-Key`) on every route but `/healthz` (the docs and `/openapi.json`
+  included), when one is configured, compared in constant time and never logged;
 - bodies over `limits.max_body_bytes` answered 413 before they are parsed;
 - schema errors 422 naming the field (without echoing the input back), refusals from the service
   with their own status, and a per-request deadline (503 with `Retry-After` when it passes).
@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Response, Security, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -54,11 +55,23 @@ def build_api(service: MemlabService, limits: Limits, api_key: str | None) -> Fa
         summary="Sequence models with memory: stateless predictions and stateful sessions.",
         version="1",
         responses=_ERRORS,
+        # Served below behind the key like every other route, not by FastAPI's open defaults.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     _add_error_handlers(app)
     guarded = [Depends(_key_check(api_key))]
     deadline = limits.request_timeout_s
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guarded)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=guarded)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="memlab API")
 
     @app.get("/healthz", tags=["service"])
     async def health() -> Health:

@@ -85,7 +85,7 @@ class ServeArgs(Strict):
     `model_uri`: any MLflow model URI of a memlab model (`models:/name@alias`, `models:/name/3`,
     `runs:/<run>/model`, `models:/m-<id>`) or a checkpoint folder (experiment.json +
     training_state.pt). `api_key`: when set (here or in `MEMLAB_API_KEY`), every endpoint but
-    the health check and the docs needs it in the `X-API-Key` header. memlab never prints or
+    the health check needs it in the `X-API-Key` header (the docs too). memlab never prints or
     logs it, but Serve logs the args of a config file: there, use the environment variable.
     """
 

@@ -1,7 +1,7 @@
 """The served model: found in MLflow (or a checkpoint folder) and rebuilt from its own config.
 
 Every memlab model is logged with its checkpoint folder (artifact `checkpoint/`: experiment.json
-and the weights, see `pipelines.train.driver.log_sequence_model`). The server downloads that
+and the weights, see `pipelines.train.logged_model.log_sequence_model`). The server downloads that
 folder and rebuilds the `SequenceModel` from the experiment config in it, the same way training
 resumes, so nothing about the model is restated in deployment files and the pickled copy's class
 layout never matters.
@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from memory_models.model import SequenceModel
+from pipelines.checkpoint import is_checkpoint, load_model
 from pipelines.experiment import ExperimentConfig
-from pipelines.train.worker import load_model
+from pipelines.train.logged_model import CHECKPOINT_ARTIFACT
 
-CHECKPOINT_ARTIFACT = "checkpoint"
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
 
@@ -76,7 +76,7 @@ def load_served_model(model_uri: str, tracking_uri: str | None) -> ServedModel:
 def check_model_uri(model_uri: str, tracking_uri: str | None) -> None:
     """Fail fast, before any replica starts, when `model_uri` leads nowhere."""
     if Path(model_uri).is_dir():
-        if not (Path(model_uri) / "experiment.json").is_file():
+        if not is_checkpoint(Path(model_uri)):
             raise ModelLoadError(f"{model_uri} is a folder but not a memlab checkpoint")
         return
     _provenance(model_uri, tracking_uri)
@@ -137,7 +137,7 @@ def _download_and_rebuild(
             raise ModelLoadError(
                 f"run {provenance.run_id} of model {provenance.model_uri!r} has no readable "
                 f"'{CHECKPOINT_ARTIFACT}/' artifact ({error}); log models with "
-                "pipelines.train.driver.log_sequence_model"
+                "pipelines.train.logged_model.log_sequence_model"
             ) from error
         return load_model(Path(path))
 

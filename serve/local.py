@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 
 import httpx
-import ray
 from ray import serve
 
 from serve.app import app_for
@@ -37,7 +36,7 @@ def start_local(
 ) -> str:
     """Deploy `args` as application `name` and return its base URL once `/healthz` answers.
 
-    Ray must already be initialised (e.g. `pipelines.train.session.local_ray()`). A model URI
+    Ray must already be initialised (`pipelines.runtime.connect()`). A model URI
     that leads nowhere raises `ModelLoadError` before anything is deployed.
     """
     args = args.resolved()
@@ -81,15 +80,10 @@ def serve_until_interrupted(
     host: str = LOOPBACK,
     port: int = 8000,
     name: str = "memlab",
-    ray_address: str | None = None,
     on_ready: Callable[[str], None] = print,
 ) -> None:
-    """`memlab serve`: Ray (local unless `ray_address`), the app, `on_ready(url)`, then wait for
-    Ctrl-C and take down what this call started."""
-    from pipelines.train.session import local_ray
-
-    started_ray = ray_address is None and not ray.is_initialized()
-    local_ray(ray_address)
+    """`memlab serve`: the app on the Ray this process uses, `on_ready(url)`, then wait for
+    Ctrl-C and delete the application and its session store."""
     try:
         on_ready(start_local(args, host=host, port=port, name=name))
         while True:
@@ -98,6 +92,3 @@ def serve_until_interrupted(
         pass
     finally:
         stop_local(name, store=args.sessions.store_name)
-        if started_ray:
-            serve.shutdown()
-            ray.shutdown()

@@ -22,7 +22,7 @@ def ray_local():
     """One real local Ray cluster for the whole session (start-up costs several seconds).
 
     4 logical CPUs on a 2-core machine: Train workers, Data tasks and a Tune driver all fit without
-    anyone waiting forever for a CPU (see shared/RAY_NOTES.md).
+    anyone waiting forever for a CPU (`pipelines.runtime.start_private` explains the same choice).
     """
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():

@@ -86,3 +86,21 @@ def assert_states_close(a: MemoryState, b: MemoryState, atol: float = 1e-9) -> N
 def grads(y: Tensor, weights: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
     """Gradients of the weighted sum `(y * weights).sum()` with respect to `inputs`."""
     return torch.autograd.grad((y * weights).sum(), list(inputs), allow_unused=True)
+
+
+def assert_fast_matches_reference(
+    layer: MemoryLayer,
+    x: Tensor,
+    chunks: Sequence[int] | None = None,
+    state: MemoryState | None = None,
+    atol: float = 1e-9,
+) -> tuple[Tensor, Tensor]:
+    """The fast path and `reference_forward`, streamed over the same chunks from the same state,
+    give the same outputs and states. Returns both outputs (for gradient checks)."""
+    chunks = chunks or [x.shape[1]]
+    y_fast, s_fast = run_chunks(layer, x, state, chunks)
+    y_ref, s_ref = run_chunks(layer.reference_forward, x, state, chunks)
+    assert y_fast.shape == x.shape
+    torch.testing.assert_close(y_fast, y_ref, atol=atol, rtol=0)
+    assert_states_close(s_fast, s_ref, atol)
+    return y_fast, y_ref

@@ -9,7 +9,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_helpers import assert_states_close, grads, randn, run_chunks, with_config
+from layer_helpers import (
+    assert_fast_matches_reference,
+    assert_states_close,
+    grads,
+    randn,
+    run_chunks,
+    with_config,
+)
 from pydantic import ValidationError
 
 from memory_models.attention import AttentionConfig, AttentionLayer, AttentionState
@@ -51,10 +58,7 @@ def test_fast_matches_reference_streaming_in_uneven_chunks(memory_size, threshol
     layer = make_layer(memory_size, threshold)
     x = randn(3, 40, D_MODEL)
     chunks = [1, 1, 9, 3, 17, 1, 8]
-    y_fast, s_fast = run_chunks(layer, x, None, chunks)
-    y_ref, s_ref = run_chunks(layer.reference_forward, x, None, chunks)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
+    assert_fast_matches_reference(layer, x, chunks)
 
 
 @pytest.mark.parametrize("memory_size", [None, WINDOW])

@@ -299,8 +299,11 @@ class Head:
     token: str
 
     def env(self, **extra: str | None) -> dict[str, str | None]:
-        """The environment a memlab client needs: the token's file, no other token source."""
-        return {"RAY_AUTH_TOKEN_PATH": str(self.token_path), "RAY_AUTH_TOKEN": None} | extra
+        """The environment a memlab client needs: the token's file, no other token source, and
+        no tracking URI left in this process's environment by an earlier test (MLflow's
+        `set_tracking_uri` exports it)."""
+        isolated = {"RAY_AUTH_TOKEN": None, "MLFLOW_TRACKING_URI": None}
+        return {"RAY_AUTH_TOKEN_PATH": str(self.token_path), **isolated} | extra
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_helpers import assert_states_close, randn, run_chunks, warm_state, with_config
+from layer_helpers import (
+    assert_fast_matches_reference,
+    assert_states_close,
+    randn,
+    run_chunks,
+    warm_state,
+    with_config,
+)
 from pydantic import ValidationError
 
 from memory_models.compressive import (
@@ -83,21 +89,14 @@ def test_streaming_chunks_match_reference_on_same_chunks(threshold):
     layer = make_layer(threshold, memory_size=6, compression_rate=3, cmem_fraction=0.4)
     chunks = [1, 1, 7, 1, 13, 2, 1, 1, 1]
     x = randn(3, sum(chunks), D_MODEL)
-    y_fast, s_fast = run_chunks(layer, x, None, chunks)
-    y_ref, s_ref = run_chunks(layer.reference_forward, x, None, chunks)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
+    assert_fast_matches_reference(layer, x, chunks)
 
 
 @pytest.mark.parametrize(("d_model", "n_heads"), [(10, 4), (9, 2), (7, 1)])
 def test_widths_that_do_not_divide_into_heads(d_model, n_heads):
     layer = make_layer(d_model=d_model, n_heads=n_heads)
     x = randn(2, 12, d_model)
-    y_fast, s_fast = run_chunks(layer, x, None, [5, 7])
-    y_ref, s_ref = run_chunks(layer.reference_forward, x, None, [5, 7])
-    assert y_fast.shape == x.shape
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
+    assert_fast_matches_reference(layer, x, [5, 7])
 
 
 def test_fifo_and_mean_pool_compression_by_hand():
@@ -355,18 +354,3 @@ def test_bad_configs_name_the_field(override, field):
     with pytest.raises(ValidationError) as error:
         CompressiveConfig(**override)
     assert field in str(error.value)
-
-
-def test_ten_thousand_steps_stay_finite():
-    torch.manual_seed(3)
-    layer = CompressiveConfig(memory_size=16, forget_threshold=0.02).build(8)
-    state = None
-    start = time.perf_counter()
-    with torch.no_grad():
-        for _ in range(100):
-            y, state = layer(3 * torch.randn(4, 100, 8), state)
-            assert torch.isfinite(y).all()
-            assert all(torch.isfinite(t).all() for t in state.tensors().values())
-            assert (state.live_entries() <= 16).all()
-    assert torch.equal(state.position, torch.full((4,), 10_000))
-    assert time.perf_counter() - start < 20

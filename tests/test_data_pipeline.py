@@ -18,7 +18,7 @@ def _rows(dataset) -> set[tuple[bytes, bytes]]:
     batch = dataset.to_pandas()
     return {
         (np.asarray(i, np.int64).tobytes(), np.asarray(t, np.int64).tobytes())
-        for i, t in zip(batch["inputs"], batch["targets"], strict=True)
+        for i, t in zip(batch["inputs"], batch["labels"], strict=True)
     }
 
 
@@ -42,7 +42,7 @@ def test_synthetic_data_is_written_once_and_reused(ray_local, tmp_path):
     assert first.metadata.test_rows == first.test.count() == 20
     assert (first.metadata.train_seq_len, first.metadata.test_seq_len) == (32, 48)
     batch = next(iter(first.train.iter_torch_batches(batch_size=8)))
-    assert batch["inputs"].shape == batch["targets"].shape == (8, 32)
+    assert batch["inputs"].shape == batch["labels"].shape == (8, 32)
     assert str(batch["inputs"].dtype) == "torch.int64"
     assert first.vocab_size == 64
 
@@ -104,9 +104,9 @@ def test_text_streams_from_local_files(ray_local, tmp_path):
     assert prepared.vocab_size == 256
     train = prepared.train.to_pandas().sort_values("position")
     inputs = np.stack(train["inputs"].to_numpy())
-    targets = np.stack(train["targets"].to_numpy())
+    labels = np.stack(train["labels"].to_numpy())
     assert len(train) == (5 * 200 - 1) // 16
-    assert np.array_equal(targets[:-1, -1], inputs[1:, 0]), "rows continue one stream"
+    assert np.array_equal(labels[:-1, -1], inputs[1:, 0]), "rows continue one stream"
     train_letters = set(np.unique(inputs).tolist())
     test_letters = set(np.unique(np.stack(prepared.test.to_pandas()["inputs"].to_numpy())).tolist())
     assert len(test_letters) == 1 and not train_letters & test_letters, "split by document"

@@ -44,12 +44,12 @@ def _context(row: np.ndarray, pairs: int) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("random_non_queries", [False, True])
-def test_mqar_targets_are_the_values_paired_with_the_queried_keys(random_non_queries: bool):
+def test_mqar_labels_are_the_values_paired_with_the_queried_keys(random_non_queries: bool):
     task = SMALL_MQAR.model_copy(update={"random_non_queries": random_non_queries})
     batch = generate(task, 200, seed=1)
     vocab = task.vocab_size
     for row, target, k, length in zip(
-        batch["inputs"], batch["targets"], batch["num_kv_pairs"], batch["seq_len"], strict=True
+        batch["inputs"], batch["labels"], batch["num_kv_pairs"], batch["seq_len"], strict=True
     ):
         pairs = dict(_context(row, k))
         assert len(pairs) == k, "keys are distinct"
@@ -68,7 +68,7 @@ def test_mqar_without_random_fill_leaves_non_queries_zero():
     batch = generate(task, 50, seed=2)
     k = batch["num_kv_pairs"][:, None]
     position = np.arange(batch["inputs"].shape[1])[None, :]
-    query_region = (position >= 2 * k) & (batch["targets"] == IGNORE)
+    query_region = (position >= 2 * k) & (batch["labels"] == IGNORE)
     assert np.all(batch["inputs"][query_region] == 0)
 
 
@@ -84,9 +84,7 @@ def test_forgetting_mqar_answers_with_the_latest_value():
     task = TASKS[1]
     batch = generate(task, 200, seed=4)
     u = task.num_updates
-    for row, target, k in zip(
-        batch["inputs"], batch["targets"], batch["num_kv_pairs"], strict=True
-    ):
+    for row, target, k in zip(batch["inputs"], batch["labels"], batch["num_kv_pairs"], strict=True):
         original = dict(_context(row, k))
         updates = _context(row[2 * k :], u)
         assert len({key for key, _ in updates}) == u and all(key in original for key, _ in updates)
@@ -100,7 +98,7 @@ def test_forgetting_mqar_answers_with_the_latest_value():
 def test_copy_reproduces_the_vectors_after_the_delimiter():
     task = TASKS[2]
     batch = generate(task, 60, seed=5)
-    for row, target, length in zip(batch["inputs"], batch["targets"], batch["length"], strict=True):
+    for row, target, length in zip(batch["inputs"], batch["labels"], batch["length"], strict=True):
         symbols = row[:length]
         assert np.all((symbols >= copy.FIRST_SYMBOL) & (symbols < task.vocab_size))
         assert row[length] == copy.DELIMITER and np.all(row[length + 1 : 2 * length] == copy.BLANK)
@@ -113,7 +111,7 @@ def test_selective_copy_reproduces_the_scattered_tokens_in_order():
     batch = generate(task, 60, seed=6)
     m = 5
     context = 33 - m
-    for row, target in zip(batch["inputs"], batch["targets"], strict=True):
+    for row, target in zip(batch["inputs"], batch["labels"], strict=True):
         data = row[:context][row[:context] != selective_copy.NOISE]
         assert len(data) == m and np.all(data >= selective_copy.FIRST_DATA)
         assert row[context] == selective_copy.DELIMITER
@@ -126,7 +124,7 @@ def test_generators_are_deterministic_per_seed(task):
     assert first.keys() == again.keys()
     assert all(np.array_equal(first[name], again[name]) for name in first)
     assert not np.array_equal(first["inputs"], other["inputs"])
-    assert first["inputs"].dtype == first["targets"].dtype == np.int64
+    assert first["inputs"].dtype == first["labels"].dtype == np.int64
 
 
 def test_every_kind_but_text_has_a_generator():
@@ -161,7 +159,7 @@ def test_row_hash_ignores_padding_width_but_tells_rows_apart():
     assert len(set(hashes.tolist())) == 300
     wider = {
         "inputs": np.pad(batch["inputs"], ((0, 0), (0, 10))),
-        "targets": np.pad(batch["targets"], ((0, 0), (0, 10)), constant_values=IGNORE),
+        "labels": np.pad(batch["labels"], ((0, 0), (0, 10)), constant_values=IGNORE),
         "seq_len": batch["seq_len"],
     }
     assert np.array_equal(row_hashes(wider), hashes)
@@ -221,20 +219,20 @@ def test_text_rows_are_consecutive_bytes_of_one_stream():
     flat = np.frombuffer(stream, dtype=np.uint8)
     assert rows["inputs"].shape == ((len(stream) - 1) // 10, 10)
     assert np.array_equal(rows["inputs"].ravel(), flat[: rows["inputs"].size])
-    assert np.array_equal(rows["targets"][:, :-1], rows["inputs"][:, 1:])
-    assert np.array_equal(rows["targets"][:-1, -1], rows["inputs"][1:, 0])
+    assert np.array_equal(rows["labels"][:, :-1], rows["inputs"][:, 1:])
+    assert np.array_equal(rows["labels"][:-1, -1], rows["inputs"][1:, 0])
     assert rows["position"][0] == 40
 
 
 def test_segments_continue_each_row_and_reset_only_first():
     rows = stream_rows(bytes(range(200)), stream_len=33)
-    parts = list(segments(rows["inputs"], 10, rows["targets"]))
+    parts = list(segments(rows["inputs"], 10, rows["labels"]))
     assert [part.reset for part in parts] == [True, False, False, False]
     assert [part.inputs.shape[1] for part in parts] == [10, 10, 10, 3]
     assert np.array_equal(np.concatenate([p.inputs for p in parts], 1), rows["inputs"])
     for before, after in itertools.pairwise(parts):
         # Row i of segment k + 1 starts with the token row i of segment k was predicting.
-        assert np.array_equal(after.inputs[:, 0], before.targets[:, -1])
+        assert np.array_equal(after.inputs[:, 0], before.labels[:, -1])
 
 
 def test_split_by_document_keeps_each_document_on_one_side():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import pytest
 import torch
@@ -327,23 +326,6 @@ def test_metrics_report_live_slots_and_counters():
     metrics = warm_state(layer, 2, 30).metrics()
     assert set(metrics) == {"live_entries", "evictions", "merges", "allocations"}
     assert metrics["merges"] + metrics["allocations"] == 30
-
-
-def test_no_nan_or_inf_over_ten_thousand_steps():
-    layer = DynamicMemoryConfig(memory_size=MEMORY_SIZE, forget_threshold=0.5).build(D_MODEL)
-    state, started = None, time.perf_counter()
-    with torch.no_grad():
-        for chunk in range(20):
-            scale = 10.0 ** (chunk % 5 - 2)  # 0.01 .. 100
-            y, state = layer(torch.randn(2, 500, D_MODEL) * scale, state)
-            assert torch.isfinite(y).all()
-            assert all(torch.isfinite(t).all() for t in state.tensors().values())
-    assert time.perf_counter() - started < 20.0  # keeps this in the fast suite
-    x = torch.randn(2, 16, D_MODEL, requires_grad=True)
-    y, _ = layer(x, state)
-    y.square().mean().backward()
-    assert torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
 
 
 @pytest.mark.parametrize(

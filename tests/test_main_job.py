@@ -38,6 +38,8 @@ def test_memlab_run_goes_from_data_to_a_served_session(tmp_path: Path):
         "0.0",
         "--port",
         str(_free_port()),
+        "--ray-address",
+        "local",  # a private Ray, like a new user's, even beside the test session's own
         "train.epochs=1",
         "train.max_steps_per_epoch=20",
         "data.num_train_examples=1024",
@@ -50,6 +52,11 @@ def test_memlab_run_goes_from_data_to_a_served_session(tmp_path: Path):
     assert done.returncode == 0, output[-4000:]
     for stage in ("1/4 data", "2/4 sweep", "3/4 serve", "4/4 a session", "recalled"):
         assert stage in output, output[-4000:]
+    # memlab's own progress and summary only; Ray's and MLflow's lines went to the named log.
+    assert len(output.splitlines()) <= 60, output
+    log = tmp_path / output.split("framework logs (Ray, MLflow): ")[1].split()[0]
+    assert log.resolve().parent == (tmp_path / "memlab_runs" / "logs").resolve()
+    assert "ray" in log.read_text().lower()
 
     runs = tmp_path / "memlab_runs"
     assert (runs / "tune" / "main" / "report" / "results.csv").is_file()

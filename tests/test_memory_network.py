@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import pytest
 import torch
@@ -343,24 +342,6 @@ def test_memory_starts_at_the_small_constant_and_metrics_report_frees():
     assert (empty.memory == MEMORY_INIT).all() and empty.live_entries().tolist() == [0, 0]
     metrics = warm_state(layer, 2, 30).metrics()
     assert set(metrics) == {"live_entries", "frees"} and metrics["frees"] > 0
-
-
-def test_no_nan_or_inf_over_ten_thousand_steps():
-    config = MemoryNetworkConfig(memory_size=MEMORY_SIZE, forget_threshold=0.5)
-    layer = config.build(D_MODEL)
-    state, started = None, time.perf_counter()
-    with torch.no_grad():
-        for chunk in range(20):
-            scale = 10.0 ** (chunk % 5 - 2)  # 0.01 .. 100
-            y, state = layer(torch.randn(2, 500, D_MODEL) * scale, state)
-            assert torch.isfinite(y).all()
-            assert all(torch.isfinite(t).all() for t in state.tensors().values())
-    assert time.perf_counter() - started < 20.0  # keeps this in the fast suite
-    x = torch.randn(2, 16, D_MODEL, requires_grad=True)
-    y, _ = layer(x, state)
-    y.square().mean().backward()
-    assert torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
 
 
 @pytest.mark.parametrize(

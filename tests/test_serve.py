@@ -1,8 +1,8 @@
 """Serving: the pieces without Ray first, then one real Serve application over HTTP.
 
 The served model is a tiny attention model put into a temporary MLflow registry by
-`serve.publish` (the driver's own logging path); references are computed in this process with the
-model the server's loader rebuilds, so an HTTP answer is checked against the model itself.
+`pipelines.train.publish` (the driver's own logging path); references are computed in this process
+with the model the server's loader rebuilds, so an HTTP answer is checked against the model itself.
 """
 
 from __future__ import annotations
@@ -191,10 +191,10 @@ def _free_port() -> int:
 def server(ray_local, tmp_path_factory):
     from ray import serve
 
+    from pipelines.train.publish import publish
     from serve.args import DeploymentSettings, Limits, SessionSettings
     from serve.loading import load_served_model
     from serve.local import start_local, stop_local
-    from serve.publish import publish
 
     folder = tmp_path_factory.mktemp("serve")
     tracking = f"sqlite:///{folder.resolve()}/mlflow.db"
@@ -269,14 +269,17 @@ def test_api_key_is_enforced_and_never_logged(server):
         ("POST", "/v1/sessions/abc/append"),
         ("POST", "/v1/sessions/abc/generate"),
         ("DELETE", "/v1/sessions/abc"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
     ]
     for method, path in guarded:
         for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": KEY.upper()}):
             answer = httpx.request(method, url + path, headers=headers, json={})
             assert answer.status_code == 401, (method, path, headers, answer.text)
     assert httpx.get(url + "/healthz").status_code == 200
-    assert httpx.get(url + "/docs").status_code == 200
-    paths = httpx.get(url + "/openapi.json").json()["paths"]
+    keyed = {"X-API-Key": KEY}
+    assert httpx.get(url + "/docs", headers=keyed).status_code == 200
+    paths = httpx.get(url + "/openapi.json", headers=keyed).json()["paths"]
     assert "/v1/sessions/{session_id}/append" in paths
     assert httpx.get(url + "/v1/model", headers={"X-API-Key": KEY}).status_code == 200
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"

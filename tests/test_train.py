@@ -64,12 +64,12 @@ def test_segmented_evaluation_carries_the_state():
 
 def test_metrics_count_what_they_say():
     vocab = 8
-    targets = torch.tensor([[-100, 3, -100, 4], [-100, 5, -100, 6]])
+    labels = torch.tensor([[-100, 3, -100, 4], [-100, 5, -100, 6]])
     logits = torch.full((2, 4, vocab), -10.0)
     for row, col, guess in [(0, 1, 3), (0, 3, 0), (1, 1, 5), (1, 3, 6)]:
         logits[row, col, guess] = 10.0
     accumulator = EvalAccumulator("mqar")
-    accumulator.add(logits, {"targets": targets, "num_kv_pairs": torch.tensor([4, 8])})
+    accumulator.add(logits, {"labels": labels, "num_kv_pairs": torch.tensor([4, 8])})
     result = accumulator.result()
     assert result["accuracy"] == 0.75
     assert result["accuracy_num_kv_pairs_4"] == 0.5
@@ -79,11 +79,11 @@ def test_metrics_count_what_they_say():
     # target vector 0b101 (token 3 + 5 = 8); guess 0b100 (token 7): one bit wrong
     copy_logits = torch.full((1, 1, 12), -10.0)
     copy_logits[0, 0, 7] = 10.0
-    copy.add(copy_logits, {"targets": torch.tensor([[8]]), "length": torch.tensor([1])})
+    copy.add(copy_logits, {"labels": torch.tensor([[8]]), "length": torch.tensor([1])})
     assert copy.result()["bits_wrong_per_sequence"] == 1.0
 
     text = EvalAccumulator("text")
-    text.add(torch.zeros(1, 2, 256), {"targets": torch.tensor([[1, 2]])})
+    text.add(torch.zeros(1, 2, 256), {"labels": torch.tensor([[1, 2]])})
     assert text.result()["bits_per_byte"] == pytest.approx(8.0)
 
 

@@ -8,7 +8,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_helpers import assert_states_close, randn, run_chunks, warm_state, with_config
+from layer_helpers import (
+    assert_fast_matches_reference,
+    assert_states_close,
+    randn,
+    run_chunks,
+    warm_state,
+    with_config,
+)
 from pydantic import ValidationError
 
 from memory_models.transformer_xl import (
@@ -54,21 +61,14 @@ def test_streaming_chunks_match_reference_on_same_chunks(threshold):
     layer = make_layer(threshold, memory_size=5)
     chunks = [1, 1, 7, 1, 13, 2]
     x = randn(3, sum(chunks), D_MODEL)
-    y_fast, s_fast = run_chunks(layer, x, None, chunks)
-    y_ref, s_ref = run_chunks(layer.reference_forward, x, None, chunks)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
+    assert_fast_matches_reference(layer, x, chunks)
 
 
 @pytest.mark.parametrize(("d_model", "n_heads"), [(10, 4), (9, 2), (8, 1)])
 def test_widths_that_do_not_divide_into_heads(d_model, n_heads):
     layer = make_layer(d_model=d_model, n_heads=n_heads)
     x = randn(2, 12, d_model)
-    y_fast, s_fast = run_chunks(layer, x, None, [5, 7])
-    y_ref, s_ref = run_chunks(layer.reference_forward, x, None, [5, 7])
-    assert y_fast.shape == x.shape
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
+    assert_fast_matches_reference(layer, x, [5, 7])
 
 
 def test_memory_holds_the_last_layer_inputs_with_their_positions():

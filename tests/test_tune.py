@@ -11,8 +11,9 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.experiment import apply_overrides
 from pipelines.recipes import debug
+from pipelines.tune.settings import SweepSettings
 from pipelines.tune.space import SpaceError, parse_space
-from pipelines.tune.sweep import SweepSettings, run_sweep
+from pipelines.tune.sweep import run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

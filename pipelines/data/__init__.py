@@ -3,8 +3,9 @@
 Pure generators live in `tasks/` and `text.py`; `build.py` is the one place that calls Ray.
 """
 
+from pipelines.data.batches import task_batches
 from pipelines.data.config import DataConfig, parse_data_config
 from pipelines.data.errors import DataError
 from pipelines.data.tbptt import Segment, segments
 
-__all__ = ["DataConfig", "DataError", "Segment", "parse_data_config", "segments"]
+__all__ = ["DataConfig", "DataError", "Segment", "parse_data_config", "segments", "task_batches"]

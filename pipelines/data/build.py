@@ -25,11 +25,11 @@ from pydantic import TypeAdapter
 from pipelines.data.config import DataConfig, Strict, SyntheticTask, TaskConfig, TextTask
 from pipelines.data.errors import DataError
 from pipelines.data.tasks import generate
-from pipelines.data.tasks.common import Batch, row_hashes, split_evenly
+from pipelines.data.tasks.common import Batch, block_seed, row_hashes, split_evenly
 from pipelines.data.text import Corpus, block_slices, load_corpus, stream_rows
 
 # Bump when the on-disk layout or a generator's output changes, to invalidate old caches.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 # Fractional CPUs keep data tasks schedulable next to Train workers on small machines.
 _TASK_CPUS = 0.5
@@ -56,7 +56,7 @@ class Manifest(Strict):
 
 @dataclass(frozen=True)
 class PreparedData:
-    """Train and test Ray Datasets: `inputs`, `targets` (int64 `[T]` per row) and metadata."""
+    """Train and test Ray Datasets: `inputs`, `labels` (int64 `[T]` per row) and metadata."""
 
     train: ray.data.Dataset
     test: ray.data.Dataset
@@ -231,12 +231,6 @@ def _generate_block(
         return rows
     keep = ~np.isin(rows["row_hash"], exclude)
     return {name: column[keep] for name, column in rows.items()}
-
-
-def block_seed(seed: int, split: int, block: int) -> int:
-    """Independent streams per (seed, split, block): test never replays a training stream."""
-    state = np.random.SeedSequence([seed, split, block]).generate_state(2, dtype=np.uint64)
-    return int(state[0])
 
 
 def _write_text(config: DataConfig, corpus: Corpus, scratch: Path, say: Progress) -> None:

@@ -15,16 +15,16 @@ Array = TypeVar("Array")  # numpy.ndarray or torch.Tensor; only slicing along di
 
 @dataclass(frozen=True)
 class Segment(Generic[Array]):
-    """One TBPTT step: inputs/targets `[B, S]` (the last one may be shorter)."""
+    """One TBPTT step: inputs/labels `[B, S]` (the last one may be shorter)."""
 
     index: int
     inputs: Array
-    targets: Array | None
+    labels: Array | None
     reset: bool
 
 
 def segments(
-    batch_inputs: Array, segment_len: int, batch_targets: Array | None = None
+    batch_inputs: Array, segment_len: int, batch_labels: Array | None = None
 ) -> Iterator[Segment[Array]]:
     """Yield consecutive `[B, segment_len]` slices of `[B, T]` streams; `reset` on the first."""
     if segment_len < 1:
@@ -32,5 +32,5 @@ def segments(
     total = batch_inputs.shape[1]  # type: ignore[attr-defined]
     for index, start in enumerate(range(0, total, segment_len)):
         stop = start + segment_len
-        targets = None if batch_targets is None else batch_targets[:, start:stop]  # type: ignore[index]
-        yield Segment(index, batch_inputs[:, start:stop], targets, reset=index == 0)  # type: ignore[index]
+        labels = None if batch_labels is None else batch_labels[:, start:stop]  # type: ignore[index]
+        yield Segment(index, batch_inputs[:, start:stop], labels, reset=index == 0)  # type: ignore[index]

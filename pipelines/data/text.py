@@ -2,7 +2,7 @@
 
 The corpus is read in the driver (it is capped by `max_bytes`, a few MB), split into train and
 validation by document, and each split is joined into one byte stream. The stream is cut into
-rows of `stream_len + 1` consecutive bytes (inputs = row[:-1], targets = row[1:]); row r + 1
+rows of `stream_len + 1` consecutive bytes (inputs = row[:-1], labels = row[1:]); row r + 1
 starts where row r ends. Training cuts a batch of rows along time with `segments`, so each row
 is one long stream whose memory state carries over from segment to segment.
 """
@@ -181,12 +181,12 @@ def block_slices(stream: bytes, stream_len: int, blocks: int) -> list[tuple[int,
 
 
 def stream_rows(piece: bytes, stream_len: int, first_row: int = 0) -> Batch:
-    """Rows of `stream_len + 1` consecutive bytes -> inputs/targets `[R, stream_len]` int64."""
+    """Rows of `stream_len + 1` consecutive bytes -> inputs/labels `[R, stream_len]` int64."""
     tokens = np.frombuffer(piece, dtype=np.uint8).astype(np.int64)
     rows = (tokens.size - 1) // stream_len
     used = tokens[: rows * stream_len + 1]
     return {
         "inputs": used[:-1].reshape(rows, stream_len),
-        "targets": used[1:].reshape(rows, stream_len),
+        "labels": used[1:].reshape(rows, stream_len),
         "position": (first_row + np.arange(rows, dtype=np.int64)) * stream_len,
     }

@@ -11,22 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
-import numpy as np
 import ray
 import ray.train
-import torch
-from mlflow.models import infer_signature
 from ray.train.torch import TorchTrainer
 
-from memory_models.model import LogitsOnly
 from pipelines.data.build import PreparedData, build_datasets
 from pipelines.experiment import ExperimentConfig
 from pipelines.train import plots
+from pipelines.train.logged_model import MODEL_URI_TAG, log_sequence_model
 from pipelines.train.tracking import client_for, metric_history, open_run, retrying
-from pipelines.train.worker import load_model, train_worker
-
-MODEL_URI_TAG = "memlab.model_uri"
+from pipelines.train.worker import train_worker
 
 
 class TrainingError(RuntimeError):
@@ -99,6 +93,19 @@ def train(
     )
 
 
+def planned_steps(config: ExperimentConfig) -> int | None:
+    """Optimizer steps the run will take (batches per worker, all epochs); None for text, whose
+    row count is known only once the corpus is read."""
+    if config.data.task.kind == "text":
+        return None
+    train = config.train
+    rows_per_step = config.scaling.num_workers * train.batch_size
+    per_epoch = max(1, config.data.num_train_examples // rows_per_step)
+    if train.max_steps_per_epoch:
+        per_epoch = min(per_epoch, train.max_steps_per_epoch)
+    return per_epoch * train.epochs
+
+
 def _refuse_local_store_on_a_cluster(config: ExperimentConfig) -> None:
     uri = config.tracking.resolved_uri()
     if not is_local_store(uri) or not ray.is_initialized():
@@ -146,35 +153,3 @@ def _log_results(client, run_id: str, checkpoint_dir: Path, config: ExperimentCo
     figure_path = plots.training_curves(history, checkpoint_dir.parent / "curves.png")
     extra = [figure_path] if figure_path is not None else []
     return log_sequence_model(run_id, checkpoint_dir, config, extra_artifacts=extra)
-
-
-def log_sequence_model(
-    run_id: str,
-    checkpoint_dir: Path,
-    config: ExperimentConfig,
-    extra_artifacts: list[Path] | None = None,
-) -> str:
-    """Log a checkpoint folder's model into MLflow run `run_id`; return the model URI.
-
-    Two views of one model: the pickled `LogitsOnly` (what `mlflow.pytorch.load_model` and
-    `predict` use) and the checkpoint folder as artifact `checkpoint/` (experiment.json and the
-    weights), from which the server rebuilds the stateful model. The tracking URI must be set.
-    """
-    model, _ = load_model(checkpoint_dir)
-    example = np.zeros((1, min(16, config.data.task.row_width)), dtype=np.int64)
-    with torch.no_grad():
-        logits, _ = model(torch.as_tensor(example))
-    signature = infer_signature(example, logits.numpy())
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        info = mlflow.pytorch.log_model(
-            LogitsOnly(model),
-            name="model",
-            serialization_format="pickle",
-            signature=signature,
-            input_example=example,
-            pip_requirements=["torch==2.13.0", "mlflow>=3.17,<4", "pydantic>=2"],
-        )
-        mlflow.log_artifacts(str(checkpoint_dir), artifact_path="checkpoint")
-        for path in extra_artifacts or []:
-            mlflow.log_artifact(str(path))
-    return info.model_uri

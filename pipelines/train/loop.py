@@ -38,13 +38,13 @@ class TrainingModule(nn.Module):
         self.aux_loss_weight = aux_loss_weight
 
     def forward(
-        self, inputs: Tensor, targets: Tensor, state: ModelState | None
+        self, inputs: Tensor, labels: Tensor, state: ModelState | None
     ) -> tuple[Tensor, Tensor, Tensor, ModelState]:
         logits, state = self.model(inputs, state)  # [B, S, V]
         task_loss = nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
         )
-        if not (targets != IGNORE_INDEX).any():
+        if not (labels != IGNORE_INDEX).any():
             task_loss = logits.sum() * 0.0  # nothing scored in this segment: keep the graph
         aux = self.model.auxiliary_loss()
         aux = task_loss.new_zeros(()) if aux is None else aux
@@ -65,10 +65,15 @@ class StepResult:
         return self.tokens / max(self.seconds, 1e-9)
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 def lr_schedule(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, kind: str
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, kind: str = "cosine"
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to 10 % (or constant)."""
+    """Linear warm-up, then cosine decay to 10 % (`cosine`) or a constant rate (`constant`)."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -82,30 +87,36 @@ def lr_schedule(
 
 
 def train_batch(
-    module: nn.Module,
+    model: nn.Module,
     batch: Batch,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     *,
-    segment_len: int | None,
-    grad_clip: float,
+    segment_len: int | None = None,
+    grad_clip: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
 ) -> StepResult:
-    """Train on one batch of streams, segment by segment, carrying the memory state."""
+    """Train on one batch of streams (`inputs`, `labels`: [B, T]), segment by segment, carrying
+    the memory state; one optimizer (and scheduler) step per segment.
+
+    `model` is a `SequenceModel`, or one already wrapped in `TrainingModule` (and DDP).
+    """
+    module = TrainingModule(model) if isinstance(model, SequenceModel) else model
     started = time.perf_counter()
-    inputs, targets = batch["inputs"], batch["targets"]
+    inputs, labels = batch["inputs"], batch["labels"]
     length = segment_len or inputs.shape[1]
     state: ModelState | None = None
     losses, aux_losses = [], []
-    for segment in segments(inputs, length, targets):
+    for segment in segments(inputs, length, labels):
         with _autocast(inputs.device, autocast_dtype):
-            loss, task_loss, aux_loss, state = module(segment.inputs, segment.targets, state)
+            loss, task_loss, aux_loss, state = module(segment.inputs, segment.labels, state)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
         optimizer.step()
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
         state = state.detach()  # truncated backprop: the next segment does not reach back here
         losses.append(task_loss.item())
         aux_losses.append(aux_loss.item())
@@ -124,8 +135,8 @@ def evaluate(
     model: SequenceModel,
     batches: Iterable[Batch],
     *,
-    segment_len: int | None,
-    task_kind: str,
+    segment_len: int | None = None,
+    task_kind: str | None = None,
     bit_width: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:

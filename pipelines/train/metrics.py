@@ -31,7 +31,7 @@ COPY_FIRST_VECTOR_TOKEN = 3  # copy tokens: 0 pad, 1 delimiter, 2 blank, 3 + bit
 class EvalAccumulator:
     """Adds up per-batch counts; `result()` gives the metric dict (keys without a prefix)."""
 
-    def __init__(self, task_kind: str, bit_width: int | None = None) -> None:
+    def __init__(self, task_kind: str | None, bit_width: int | None = None) -> None:
         self.task_kind = task_kind
         self.bit_width = bit_width
         self.loss_sum = 0.0
@@ -43,20 +43,20 @@ class EvalAccumulator:
         self.group_scored: dict[int, int] = defaultdict(int)
 
     def add(self, logits: Tensor, batch: Mapping[str, Tensor]) -> None:
-        targets = batch["targets"]  # [B, T]
-        scored = targets != IGNORE_INDEX
-        safe_targets = targets.clamp_min(0)
+        labels = batch["labels"]  # [B, T]
+        scored = labels != IGNORE_INDEX
+        safe_labels = labels.clamp_min(0)
         loss = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), safe_targets.flatten(), reduction="none"
-        ).view_as(targets)
+            logits.flatten(0, 1), safe_labels.flatten(), reduction="none"
+        ).view_as(labels)
         predictions = logits.argmax(-1)
-        hits = (predictions == targets) & scored
+        hits = (predictions == labels) & scored
         self.loss_sum += loss[scored].sum().item()
         self.scored += int(scored.sum())
         self.correct += int(hits.sum())
-        self.sequences += targets.shape[0]
+        self.sequences += labels.shape[0]
         if self.task_kind == "copy":
-            self.bits_wrong += _bits_wrong(predictions, targets, scored, self.bit_width or 8)
+            self.bits_wrong += _bits_wrong(predictions, labels, scored, self.bit_width or 8)
         self._add_groups(batch, hits, scored)
 
     def _add_groups(self, batch: Mapping[str, Tensor], hits: Tensor, scored: Tensor) -> None:
@@ -84,11 +84,11 @@ class EvalAccumulator:
         return out
 
 
-def _bits_wrong(predictions: Tensor, targets: Tensor, scored: Tensor, width: int) -> int:
+def _bits_wrong(predictions: Tensor, labels: Tensor, scored: Tensor, width: int) -> int:
     """Hamming distance of predicted and target bit vectors; a non-vector guess is all wrong."""
-    target_bits = (targets - COPY_FIRST_VECTOR_TOKEN).clamp_min(0)
+    label_bits = (labels - COPY_FIRST_VECTOR_TOKEN).clamp_min(0)
     guess = predictions - COPY_FIRST_VECTOR_TOKEN
-    wrong = torch.bitwise_xor(guess.clamp_min(0), target_bits)
+    wrong = torch.bitwise_xor(guess.clamp_min(0), label_bits)
     counts = _popcount(wrong)
     counts = torch.where(guess < 0, torch.full_like(counts, width), counts)
     return int(counts[scored].sum())

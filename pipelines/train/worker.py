@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from memory_models.model import SequenceModel
+from pipelines.checkpoint import Position, restore_training, save_checkpoint
 from pipelines.experiment import ExperimentConfig
 from pipelines.train.loop import (
     StepResult,
@@ -29,23 +28,6 @@ from pipelines.train.loop import (
     train_batch,
 )
 from pipelines.train.tracking import MetricLogger
-
-CHECKPOINT_FILE = "training_state.pt"
-CONFIG_FILE = "experiment.json"
-
-
-@dataclass
-class Position:
-    """Where training stands; stored in every checkpoint so a resumed run continues here."""
-
-    epoch: int = 0
-    batches_done: int = 0  # in the current epoch
-    global_step: int = 0
-    best_accuracy: float = 0.0
-    history: list[dict[str, float]] = field(default_factory=list)
-    # Wall time in the batch loop (waiting for batches, the steps, step logging; not evaluation
-    # or checkpoints): what benchmarks/bench_train.py compares with the plain loop.
-    train_seconds: float = 0.0
 
 
 def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
@@ -205,38 +187,12 @@ def _report(rank, metrics, model, optimizer, scheduler, position, config) -> Non
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, position, config) -> None:
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "position": asdict(position),
-        },
-        folder / CHECKPOINT_FILE,
-    )
-    (folder / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
-
-
 def _restore(model, optimizer, scheduler) -> Position:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return Position()
     with checkpoint.as_directory() as folder:
-        saved = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    return Position(**saved["position"])
-
-
-def load_model(checkpoint_dir: Path) -> tuple[SequenceModel, ExperimentConfig]:
-    """Rebuild the trained model from a checkpoint folder (no Ray needed)."""
-    config = ExperimentConfig.model_validate_json((checkpoint_dir / CONFIG_FILE).read_text())
-    saved = torch.load(checkpoint_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    model = config.model.build()
-    model.load_state_dict(saved["model"])
-    return model.eval(), config
+        return restore_training(Path(folder), model, optimizer, scheduler)
 
 
 def _epoch_line(config: ExperimentConfig, metrics: dict[str, float]) -> str:

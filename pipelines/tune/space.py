@@ -7,6 +7,7 @@ first, so a misspelt key or an impossible value fails at once, naming the key.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -83,3 +84,35 @@ def grid_size(space: dict[str, Dimension]) -> int:
         if dimension.grid is not None:
             size *= len(dimension.grid)
     return size
+
+
+MEMORY_GRID_KEYS = (
+    "model.memory.kind",
+    "model.memory.memory_size",
+    "model.memory.forget_threshold",
+)
+
+
+def grid_space(
+    kinds: Sequence[str] = (),
+    memory_sizes: Sequence[int] = (),
+    thresholds: Sequence[float] = (),
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The raw space of `memlab tune -k/-m/-t` and `memlab run`: a grid over the memory's kind,
+    size and forget threshold (each given axis), plus `extra` dimensions, which win on a clash."""
+    grid = {
+        key: {"grid": list(values)}
+        for key, values in zip(MEMORY_GRID_KEYS, (kinds, memory_sizes, thresholds), strict=True)
+        if values
+    }
+    return grid | dict(extra or {})
+
+
+def planned_trials(raw: dict[str, Any], num_samples: int = 1) -> int | None:
+    """Trials a grid (repeated `num_samples` times) will run; None if the space does not parse."""
+    try:
+        space = {key: Dimension.model_validate(value) for key, value in raw.items()}
+    except ValueError:
+        return None
+    return grid_size(space) * num_samples

@@ -1,57 +1,33 @@
 """`run_sweep`: Ray Tune over experiment configs, one Ray Train job per trial (Train V2 pattern).
 
 The sweep owns a parent MLflow run; each trial's training run is its child. At the end the results
-table, the accuracy-versus-state-size plot and the heat maps go to the parent run, and the best
-trial's model becomes the registry's `champion`.
+table, the accuracy-versus-state-size plot and the heat maps (`results.py`) go to the parent run,
+and the best trial's model becomes the registry's `champion` (`champion.py`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 import ray
-from pydantic import BaseModel, ConfigDict, Field
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from pipelines.data.build import fill_cache
 from pipelines.experiment import ExperimentConfig, apply_overrides
-from pipelines.tune import report
+from pipelines.train.driver import train
+from pipelines.train.tracking import client_for, retrying
+from pipelines.tune.champion import open_parent_run, register_champions
+from pipelines.tune.results import results_table, write_report
+from pipelines.tune.settings import SweepOutcome, SweepSettings
 from pipelines.tune.space import Dimension, grid_size, parse_space, tune_param_space
 
 logger = logging.getLogger(__name__)
-
-
-class SweepSettings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = "sweep"
-    metric: str = "val_accuracy"
-    mode: Literal["max", "min"] = "max"
-    scheduler: Literal["asha", "fifo"] = "asha"
-    search: Literal["grid", "random", "optuna"] = "grid"
-    num_samples: int = Field(default=1, ge=1, description="repeats of the grid / random samples")
-    grace_period: int = Field(default=1, ge=1, description="ASHA: epochs before a trial may stop")
-    max_concurrent_trials: int | None = Field(default=None, ge=1)
-    trial_retries: int = Field(default=1, ge=0)
-    registered_model: str = "memlab-champion"
-    storage_path: Path = Path("memlab_runs/tune")
-
-
-@dataclass(frozen=True)
-class SweepOutcome:
-    table: pd.DataFrame
-    table_path: Path
-    plot_paths: list[Path]
-    parent_run_id: str
-    champion_version: str | None
-    champion: dict[str, Any]
 
 
 def run_sweep(
@@ -60,13 +36,16 @@ def run_sweep(
     settings: SweepSettings,
     *,
     resume: bool = False,
+    callbacks: list[tune.Callback] | None = None,
 ) -> SweepOutcome:
+    """Run (or with `resume`, continue) the sweep; `callbacks` are Tune callbacks in this process
+    (a progress display)."""
     space = parse_space(raw_space, base)  # fails here, before any trial, on a bad key or value
     base = base.with_absolute_paths()  # trials run in their own working directories
     if not any(key.startswith("data.") for key in space):
         fill_cache(base.data)  # once here, so trials reuse the cache instead of racing on it
     storage = settings.storage_path.resolve()
-    parent_run_id = report.open_parent_run(base, settings)
+    parent_run_id = open_parent_run(base, settings)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, sweep=settings.name, parent_run_id=parent_run_id),
         # The trial's own driver needs almost nothing; its Train workers ask for the real CPUs.
@@ -74,7 +53,7 @@ def run_sweep(
     )
     if settings.scheduler == "asha":
         _warn_if_trials_may_leak()
-    tuner = _restored(storage / settings.name, trainable) if resume else None
+    tuner = _restored(storage / settings.name, trainable, callbacks) if resume else None
     tuner = tuner or tune.Tuner(
         trainable,
         param_space=tune_param_space(space),
@@ -90,16 +69,34 @@ def run_sweep(
             name=settings.name,
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=settings.trial_retries),
+            callbacks=callbacks,
         ),
     )
     results = tuner.fit()
-    table = report.results_table(results, base, space, settings.name)
-    return report.finish(table, base, settings, parent_run_id, storage)
+    table = results_table(results, base, space, settings.name)
+    return finish(table, base, settings, parent_run_id, storage)
+
+
+def finish(
+    table: pd.DataFrame,
+    base: ExperimentConfig,
+    settings: SweepSettings,
+    parent_run_id: str,
+    storage: Path,
+) -> SweepOutcome:
+    """Table and plots into the parent run, the winners into the registry, the run closed."""
+    table_path, plots = write_report(table, storage / settings.name / "report", settings.metric)
+    client = client_for(base.tracking.resolved_uri())
+    for path in [table_path, *plots]:
+        retrying(lambda path=path: client.log_artifact(parent_run_id, str(path)))
+    champion, version = register_champions(client, table, settings)
+    if champion:
+        retrying(lambda: client.log_dict(parent_run_id, champion, "champion.json"))
+    retrying(lambda: client.set_terminated(parent_run_id, status="FINISHED"))
+    return SweepOutcome(table, table_path, plots, parent_run_id, version, champion)
 
 
 def _trial(params: dict[str, Any], base: ExperimentConfig, sweep: str, parent_run_id: str) -> None:
-    from pipelines.train.driver import train
-
     trial_id = tune.get_context().get_trial_id()
     overrides = dict(params) | {"run.name": f"{sweep}-{trial_id}"}
     config = apply_overrides(base, overrides)
@@ -124,10 +121,15 @@ def _warn_if_trials_may_leak() -> None:
         )
 
 
-def _restored(path: Path, trainable) -> tune.Tuner | None:
+def _restored(path: Path, trainable, callbacks) -> tune.Tuner | None:
     if not tune.Tuner.can_restore(str(path)):
         return None
-    return tune.Tuner.restore(str(path), trainable, resume_errored=True, restart_errored=False)
+    tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True, restart_errored=False)
+    if callbacks is not None:
+        # Tune restores the callbacks pickled with the experiment (inert copies of a display);
+        # Ray 2.60 has no public way to pass new ones on restore.
+        tuner._local_tuner.get_run_config().callbacks = callbacks
+    return tuner
 
 
 def _scheduler(settings: SweepSettings, base: ExperimentConfig):

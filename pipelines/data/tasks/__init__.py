@@ -1,7 +1,7 @@
 """Synthetic memory tasks: one generator per `kind`, all `generate(config, num_examples, seed)`.
 
-Each returns `inputs` and `targets` (int64 `[N, T]`, aligned: the model reads `inputs[:, t]` and
-is scored on `targets[:, t]`, -100 where unscored) plus per-example metadata columns `[N]`.
+Each returns `inputs` and `labels` (int64 `[N, T]`, aligned: the model reads `inputs[:, t]` and
+is scored on `labels[:, t]`, -100 where unscored) plus per-example metadata columns `[N]`.
 """
 
 from __future__ import annotations

@@ -70,6 +70,12 @@ def power_law_choice(
     return np.argpartition(-scores, k - 1, axis=1)[:, :k].astype(np.int64)
 
 
+def block_seed(seed: int, split: int, block: int) -> int:
+    """Independent streams per (seed, split, block): test never replays a training stream."""
+    state = np.random.SeedSequence([seed, split, block]).generate_state(2, dtype=np.uint64)
+    return int(state[0])
+
+
 def split_evenly(total: int, parts: int) -> list[int]:
     """Counts per part that sum to `total`, the first `total % parts` parts one larger."""
     base, extra = divmod(total, parts)
@@ -85,7 +91,7 @@ def mixture(
 ) -> Batch:
     """Generate every part of a length mixture, pad rows to `width`, and shuffle the rows.
 
-    Padding: inputs with `PAD` (0), targets with `IGNORE` (-100), so padded positions are never
+    Padding: inputs with `PAD` (0), labels with `IGNORE` (-100), so padded positions are never
     scored; a model sees trailing zeros after a short example, which carry no information.
     """
     counts = split_evenly(num_examples, len(parts))
@@ -98,7 +104,7 @@ def mixture(
 def _stack(name: str, columns: list[np.ndarray], width: int) -> np.ndarray:
     if columns[0].ndim == 1:
         return np.concatenate(columns)
-    fill = IGNORE if name == "targets" else PAD
+    fill = IGNORE if name == "labels" else PAD
     return np.concatenate([_pad(column, width, fill) for column in columns], axis=0)
 
 
@@ -115,11 +121,11 @@ def row_hashes(batch: Batch) -> np.ndarray:
     contributes nothing, so an example padded to 128 and to 256 hashes alike; `seq_len` tells
     trailing zero tokens from padding. Used to drop test rows that also occur in training.
     """
-    inputs, targets = batch["inputs"], batch["targets"]
+    inputs, labels = batch["inputs"], batch["labels"]
     positions = np.arange(inputs.shape[1], dtype=np.uint64)
     with np.errstate(over="ignore"):
         total = inputs.astype(np.uint64) @ _splitmix64(2 * positions)
-        total += (targets - IGNORE).astype(np.uint64) @ _splitmix64(2 * positions + 1)
+        total += (labels - IGNORE).astype(np.uint64) @ _splitmix64(2 * positions + 1)
         total += batch["seq_len"].astype(np.uint64) * _splitmix64(np.array([2**62], np.uint64))
     return _splitmix64(total).view(np.int64)
 

@@ -3,7 +3,7 @@
 A `width`-bit vector is one token (3 + its value). A row for length L has 2L tokens:
 
     inputs:  x1 x2 ... xL DELIM BLANK ... BLANK
-    targets: -  -  ... -  x1    x2    ... xL
+    labels:  -  -  ... -  x1    x2    ... xL
 
 As in the NTM, the answer phase reads blanks, so nothing but memory gives the answer. Train on
 lengths 1-20 and test on 40 and 80 to see whether the memory generalises to longer sequences.
@@ -37,11 +37,11 @@ def _part(config: CopyTask, length: int, n: int, rng: np.random.Generator) -> Ba
     inputs = np.full((n, 2 * length), BLANK, dtype=np.int64)
     inputs[:, :length] = symbols
     inputs[:, length] = DELIMITER
-    targets = np.full((n, 2 * length), IGNORE, dtype=np.int64)
-    targets[:, length:] = symbols
+    labels = np.full((n, 2 * length), IGNORE, dtype=np.int64)
+    labels[:, length:] = symbols
     return {
         "inputs": inputs,
-        "targets": targets,
+        "labels": labels,
         "length": np.full(n, length, dtype=np.int64),
         "seq_len": np.full(n, 2 * length, dtype=np.int64),
     }

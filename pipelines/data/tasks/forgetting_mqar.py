@@ -5,7 +5,7 @@ to a new value (never the old one). Queries ask for every key; the target is the
 This is the direct test of a forget threshold: a memory that keeps the stale pair answers wrong.
 
     inputs:  A 5 B 3 C 7 | A 9 | ... A ... B ... C ...
-    targets:                       9     3     7
+    labels:                        9     3     7
 """
 
 from __future__ import annotations

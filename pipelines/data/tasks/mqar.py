@@ -7,7 +7,7 @@ the target is that key's value: the model reads the key and must predict the val
 non-query slots are 0, or random tokens from [0, V) with `random_non_queries` (Zoology's default).
 
     inputs:  k1 v1 k2 v2 0  0  k2 0  0  0  k1 0      (random_non_queries=False)
-    targets: -  -  -  -  -  -  v2 -  -  -  v1 -
+    labels:  -  -  -  -  -  -  v2 -  -  -  v1 -
 """
 
 from __future__ import annotations
@@ -69,14 +69,14 @@ def assemble(
     inputs = np.zeros((n, part.seq_len), dtype=np.int64)
     inputs[:, :width] = context
     inputs[rows, positions] = keys
-    targets = np.full((n, part.seq_len), IGNORE, dtype=np.int64)
-    targets[rows, positions] = answers
+    labels = np.full((n, part.seq_len), IGNORE, dtype=np.int64)
+    labels[rows, positions] = answers
     if config.random_non_queries:
         empty = inputs == 0
         inputs[empty] = rng.integers(0, config.vocab_size, size=int(empty.sum()))
     return {
         "inputs": inputs,
-        "targets": targets,
+        "labels": labels,
         "num_kv_pairs": np.full(n, part.num_kv_pairs, dtype=np.int64),
         "seq_len": np.full(n, part.seq_len, dtype=np.int64),
     }

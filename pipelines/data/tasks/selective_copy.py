@@ -5,7 +5,7 @@ m data tokens at random positions, then a delimiter and m - 1 blanks. Unlike pla
 must choose what to store: noise carries nothing and a good memory skips it.
 
     inputs:  N a N N b N c N  DELIM BLANK BLANK
-    targets: -  ...           a     b     c
+    labels:  -  ...           a     b     c
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ def _part(
     inputs[:, :context] = NOISE
     inputs[np.arange(n)[:, None], positions] = tokens
     inputs[:, context] = DELIMITER
-    targets = np.full((n, part.seq_len), IGNORE, dtype=np.int64)
-    targets[:, context:] = tokens
+    labels = np.full((n, part.seq_len), IGNORE, dtype=np.int64)
+    labels[:, context:] = tokens
     return {
         "inputs": inputs,
-        "targets": targets,
+        "labels": labels,
         "num_tokens": np.full(n, m, dtype=np.int64),
         "seq_len": np.full(n, part.seq_len, dtype=np.int64),
     }

@@ -17,12 +17,12 @@ import mlflow
 import torch
 
 from memory_models.model import SequenceModel
+from pipelines.checkpoint import Position, save_checkpoint
 from pipelines.data import tasks
 from pipelines.experiment import ExperimentConfig
-from pipelines.train.driver import MODEL_URI_TAG, log_sequence_model
+from pipelines.train.logged_model import MODEL_URI_TAG, log_sequence_model
 from pipelines.train.loop import TrainingModule, evaluate, lr_schedule, train_batch
 from pipelines.train.tracking import MetricLogger, client_for, open_run, retrying
-from pipelines.train.worker import Position, save_checkpoint
 
 CHAMPION = "champion"
 
@@ -57,7 +57,7 @@ def publish(
     retrying(lambda: client.set_tag(run_id, MODEL_URI_TAG, model_uri))
     retrying(lambda: client.set_terminated(run_id, status="FINISHED"))
     version = str(retrying(lambda: mlflow.register_model(model_uri, registered_model)).version)
-    # The same version tags as a sweep's champion (pipelines/tune/report.py).
+    # The same version tags as a sweep's champion (pipelines/tune/champion.py).
     tags = {"mechanism": config.model.memory.kind, **trained.metrics}
     for key, value in tags.items():
         retrying(
@@ -78,7 +78,7 @@ class _Trained:
     metrics: dict[str, float]
 
     def save(self, folder: Path, config: ExperimentConfig) -> None:
-        """The checkpoint folder a Train worker writes (pipelines/train/worker.py)."""
+        """The checkpoint folder a Train worker writes (pipelines/checkpoint.py)."""
         save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.position, config)
 
 

@@ -1,0 +1,107 @@
+"""Which Ray a command runs on, by one rule (`RAY_ADDRESS_HELP`), and a private one when needed.
+
+- Ray already initialised in this process: use it.
+- An address (`--ray-address`, else `RAY_ADDRESS`, which Ray sets inside a job): join that cluster.
+- `local`: start a private cluster for this command, on loopback, and stop it at the end.
+- `auto` (the default): join the cluster running on this machine (`ray start --head`) when there
+  is exactly one, saying so in one line; start a private one when there is none; refuse, naming
+  them, when there are several, since memlab cannot know which one is meant.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+AUTO = "auto"
+LOCAL = "local"
+RAY_ADDRESS_HELP = (
+    "Ray cluster to run on: 'auto' joins the cluster running on this machine (ray start --head) "
+    "if there is one, else starts a private one on loopback; 'local' always starts a private "
+    "one; or an address (host:6379, ray://host:10001). Default: RAY_ADDRESS, else auto."
+)
+
+
+class RayConnectError(RuntimeError):
+    """No Ray cluster could be joined or started; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class RayRuntime:
+    """The cluster a command runs on. `private`: started by this process, which stops it."""
+
+    private: bool
+    description: str
+
+    def shutdown(self) -> None:
+        if self.private and ray.is_initialized():
+            ray.shutdown()
+
+
+def connect(address: str | None = None, say: Callable[[str], None] | None = None) -> RayRuntime:
+    """Join or start Ray by the module's rule; `say` gets the one line that tells which."""
+    say = say or (lambda _line: None)
+    if ray.is_initialized():
+        return RayRuntime(False, "the Ray this process already uses")
+    target = address or os.environ.get("RAY_ADDRESS") or AUTO
+    if target == AUTO:
+        target = _the_local_cluster() or LOCAL
+    if target == LOCAL:
+        start_private()
+        runtime = RayRuntime(True, "a private Ray on this machine (loopback, stopped at the end)")
+    else:
+        _join(target)
+        runtime = RayRuntime(False, f"the Ray cluster at {target}")
+        say(f"joined {runtime.description}")
+    return runtime
+
+
+def _the_local_cluster() -> str | None:
+    """The address of the one Ray cluster running on this machine, None when there is none."""
+    from ray._private.services import find_gcs_addresses  # no public equivalent in Ray 2.60
+
+    running = sorted(find_gcs_addresses())
+    if len(running) > 1:
+        raise RayConnectError(
+            f"{len(running)} Ray clusters run on this machine ({', '.join(running)}): choose one "
+            "with --ray-address ADDRESS, or --ray-address local for a private one"
+        )
+    return running[0] if running else None
+
+
+def _join(address: str) -> None:
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise RayConnectError(
+            f"cannot join the Ray cluster at {address}: {error}. Check the address (ray status "
+            "shows it) and, with token authentication, that RAY_AUTH_MODE=token is set and the "
+            "token is in ~/.ray/auth_token or RAY_AUTH_TOKEN_PATH"
+        ) from None
+
+
+def start_private() -> None:
+    """A Ray for this process only: loopback dashboard, token auth on, the token owner-only.
+
+    At least 4 logical CPUs: fractional Train workers, Ray Data tasks and a Tune driver all fit
+    on a 2-core laptop without anyone waiting forever for a CPU.
+    """
+    ray.init(
+        num_cpus=max(4, os.cpu_count() or 1),
+        include_dashboard=True,  # Train's placement-group cleanup needs the state API
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+    )
+    private_token()
+
+
+def private_token() -> None:
+    """`ray.init` writes the cluster's auth token readable by every local user (mode 644 seen):
+    only the owner should be able to reach the cluster with it."""
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file():
+        token.chmod(0o600)
