@@ -13,6 +13,7 @@ from memory_models.attention import AttentionConfig
 from memory_models.compressive import CompressiveConfig
 from memory_models.dynamic_memory import DynamicMemoryConfig
 from memory_models.gru import GRUConfig
+from memory_models.hierarchical import HierarchicalConfig
 from memory_models.layer import MemoryConfig
 from memory_models.lstm import LSTMConfig
 from memory_models.memory_network import MemoryNetworkConfig
@@ -26,6 +27,7 @@ REGISTRY: dict[str, type[MemoryConfig]] = {
     "compressive": CompressiveConfig,
     "memory_network": MemoryNetworkConfig,
     "dynamic_memory": DynamicMemoryConfig,
+    "hierarchical": HierarchicalConfig,
 }
 
 # pydantic picks the config class from the `kind` tag and names the tag in its errors.
