@@ -17,6 +17,7 @@ from memory_models.hierarchical import HierarchicalConfig
 from memory_models.layer import MemoryConfig
 from memory_models.lstm import LSTMConfig
 from memory_models.memory_network import MemoryNetworkConfig
+from memory_models.sparse import SparseConfig
 from memory_models.transformer_xl import TransformerXLConfig
 
 REGISTRY: dict[str, type[MemoryConfig]] = {
@@ -28,6 +29,7 @@ REGISTRY: dict[str, type[MemoryConfig]] = {
     "memory_network": MemoryNetworkConfig,
     "dynamic_memory": DynamicMemoryConfig,
     "hierarchical": HierarchicalConfig,
+    "sparse": SparseConfig,
 }
 
 # pydantic picks the config class from the `kind` tag and names the tag in its errors.

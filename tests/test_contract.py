@@ -44,6 +44,7 @@ def test_registry_is_explicit_and_consistent():
         "memory_network",
         "dynamic_memory",
         "hierarchical",
+        "sparse",
     }
     for kind, config_cls in REGISTRY.items():
         config = config_cls()
