@@ -31,9 +31,9 @@ class DeltaNetState(MemoryState):
 
 class DeltaNetConfig(MemoryConfig):
     """`memory_size` is Dk, the key dimension of each head: every head holds a `[Dk, Dv]` matrix
-    with `Dv = d_model / n_heads`, so the state is `n_heads * Dk * Dv` numbers per sequence
-    whatever the sequence length (plus `(conv_size - 1) * (2 * n_heads * Dk + d_model)` with the
-    short convolution).
+    with `Dv = d_model / n_heads`, so the state is `n_heads * Dk * Dv = memory_size * d_model`
+    numbers per sequence whatever the sequence length (plus `(conv_size - 1) * (2 * n_heads * Dk
+    + d_model)` with the short convolution).
 
     `forget_threshold` (gated only): decay gate values `a_t` under it snap to 0, a full reset of
     the head's memory at that step (`S_t = beta_t k_t v_t^T`), as an LSTM forget gate under it
