@@ -166,11 +166,11 @@ def _wy_representation(
 ) -> tuple[Tensor, Tensor]:
     """`U = T V`, `W = T diag(g) K` with `T = (I + tril(diag(beta) (K K^T * G), -1))^-1 diag(beta)`,
     by one forward substitution for both. Shapes `[B, H, N, C, Dv]` and `[B, H, N, C, Dk]`."""
-    size = k.shape[-2]
-    interaction = (beta[..., None] * (k @ k.transpose(-1, -2)) * within).tril(-1)
-    system = torch.eye(size, dtype=k.dtype, device=k.device) + interaction
+    interaction = beta[..., None] * (k @ k.transpose(-1, -2)) * within  # [B, H, N, C, C]
     targets = torch.cat([beta[..., None] * v, (beta * from_start)[..., None] * k], dim=-1)
-    solved = torch.linalg.solve_triangular(system, targets, upper=False, unitriangular=True)
+    # `within` is 0 above the diagonal, and `unitriangular` reads the diagonal as 1: the solver
+    # sees exactly I + tril(interaction, -1) without building it.
+    solved = torch.linalg.solve_triangular(interaction, targets, upper=False, unitriangular=True)
     return solved.split([v.shape[-1], k.shape[-1]], dim=-1)
 
 
