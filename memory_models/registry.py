@@ -11,6 +11,7 @@ from pydantic import Field, TypeAdapter
 
 from memory_models.attention import AttentionConfig
 from memory_models.compressive import CompressiveConfig
+from memory_models.deltanet import DeltaNetConfig
 from memory_models.dynamic_memory import DynamicMemoryConfig
 from memory_models.gru import GRUConfig
 from memory_models.hierarchical import HierarchicalConfig
@@ -30,6 +31,7 @@ REGISTRY: dict[str, type[MemoryConfig]] = {
     "dynamic_memory": DynamicMemoryConfig,
     "hierarchical": HierarchicalConfig,
     "sparse": SparseConfig,
+    "deltanet": DeltaNetConfig,
 }
 
 # pydantic picks the config class from the `kind` tag and names the tag in its errors.

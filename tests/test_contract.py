@@ -45,6 +45,7 @@ def test_registry_is_explicit_and_consistent():
         "dynamic_memory",
         "hierarchical",
         "sparse",
+        "deltanet",
     }
     for kind, config_cls in REGISTRY.items():
         config = config_cls()
