@@ -57,7 +57,7 @@ class ExactIndex(KnnIndex):
     def search(self, keys: Tensor, valid: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             scores = torch.einsum("gtd,gnd->gtn", queries, keys)
-            return top_k(scores.masked_fill(~valid[:, None, :], float("-inf")), k)
+            return top_k(scores.masked_fill_(~valid[:, None, :], float("-inf")), k)
 
 
 class FaissIndex(KnnIndex):
@@ -80,7 +80,7 @@ class FaissIndex(KnnIndex):
         ef_search: int = 128,
         probes: int = 16,
     ) -> None:
-        self.faiss = import_faiss()
+        import_faiss()  # fail now, with the fix, rather than at the first search
         self.method = method
         self.neighbors = neighbors
         self.ef_construction = ef_construction
@@ -89,17 +89,18 @@ class FaissIndex(KnnIndex):
 
     def build(self, keys: np.ndarray) -> Any:
         """A faiss index over `keys: [n, Dh]`, searched by inner product."""
+        faiss = import_faiss()
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         count, dim = keys.shape
-        inner_product = self.faiss.METRIC_INNER_PRODUCT
+        inner_product = faiss.METRIC_INNER_PRODUCT
         if self.method == "flat":
-            index = self.faiss.IndexFlatIP(dim)
+            index = faiss.IndexFlatIP(dim)
         elif self.method == "ivf":
             lists = max(1, min(math.isqrt(count), count // 39))
-            index = self.faiss.index_factory(dim, f"IVF{lists},Flat", inner_product)
+            index = faiss.index_factory(dim, f"IVF{lists},Flat", inner_product)
             index.train(keys)
         else:
-            index = self.faiss.IndexHNSWFlat(dim, self.neighbors, inner_product)
+            index = faiss.IndexHNSWFlat(dim, self.neighbors, inner_product)
             index.hnsw.efConstruction = self.ef_construction
         index.add(keys)
         return index

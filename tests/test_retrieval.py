@@ -4,6 +4,7 @@ top-k retrieval of a planted entry, stop-gradient, and the faiss index against t
 from __future__ import annotations
 
 import itertools
+import pickle
 import sys
 
 import pytest
@@ -390,6 +391,15 @@ def test_the_faiss_layer_equals_the_exact_layer(threshold):
         strict=True,
     ):
         torch.testing.assert_close(g_faiss, g_exact, atol=1e-9, rtol=0)
+
+
+def test_a_faiss_layer_pickles():
+    """Models are logged pickled: the layer must not hold the faiss module or an index."""
+    pytest.importorskip("faiss")
+    layer = make_layer(index="faiss")
+    again = pickle.loads(pickle.dumps(layer))
+    x = randn(1, 12, D_MODEL)
+    torch.testing.assert_close(again(x)[0], layer(x)[0], atol=0, rtol=0)
 
 
 def test_asking_for_faiss_without_it_says_how_to_get_it(monkeypatch):
