@@ -19,6 +19,7 @@ from memory_models.layer import MemoryConfig
 from memory_models.lstm import LSTMConfig
 from memory_models.memory_network import MemoryNetworkConfig
 from memory_models.sparse import SparseConfig
+from memory_models.retrieval import RetrievalConfig
 from memory_models.transformer_xl import TransformerXLConfig
 
 REGISTRY: dict[str, type[MemoryConfig]] = {
@@ -32,6 +33,7 @@ REGISTRY: dict[str, type[MemoryConfig]] = {
     "hierarchical": HierarchicalConfig,
     "sparse": SparseConfig,
     "deltanet": DeltaNetConfig,
+    "retrieval": RetrievalConfig,
 }
 
 # pydantic picks the config class from the `kind` tag and names the tag in its errors.

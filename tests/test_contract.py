@@ -46,6 +46,7 @@ def test_registry_is_explicit_and_consistent():
         "hierarchical",
         "sparse",
         "deltanet",
+        "retrieval",
     }
     for kind, config_cls in REGISTRY.items():
         config = config_cls()
