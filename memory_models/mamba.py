@@ -17,7 +17,7 @@ from memory_models.state import MemoryState
 
 #: `SelectiveScan` keeps the SSM state of every this many steps for its backward pass, which
 #: recomputes the others.
-RECOMPUTE_SEGMENT = 32
+RECOMPUTE_SEGMENT = 16
 
 
 @dataclasses.dataclass
@@ -40,9 +40,9 @@ class MambaConfig(MemoryConfig):
     in the sequence length.
 
     `forget_threshold`: the discretised decays a = exp(dt * A), one per channel, state dimension
-    and step, that fall under it are snapped to 0, which resets that part of the state outright
-    (the meaning an LSTM forget gate has). Decays depend on the input only, never on the state, so
-    the layer stays chunk invariant. 0 gives the paper's layer.
+    and step, that are at or under it are snapped to 0, which resets that part of the state
+    outright (the meaning an LSTM forget gate has). Decays depend on the input only, never on the
+    state, so the layer stays chunk invariant. 0 gives the paper's layer.
 
     `dt_rank` (None: ceil(d_model / 16)) is the rank of the step-size projection; the step size
     starts log-uniform in [`dt_min`, `dt_max`] (the paper's dt bias initialisation).
@@ -89,15 +89,15 @@ class MambaLayer(MemoryLayer):
     `forget_threshold` snaps decays at or under it to 0 in both paths (`snap_decays`).
 
     Fast path: the projections and the conv for the whole call at once, then `SelectiveScan`: the
-    recurrence one step at a time on the `[B, d_state, d_inner]` state, with a hand-written
+    recurrence one step at a time on a `[B, d_state, d_inner]` state, with a hand-written
     backward that recomputes states from every RECOMPUTE_SEGMENT-th one (the paper's
-    recomputation, section 3.3.2). Measured on CPU at B=16, T=256, d_model=128, one thread,
-    forward + backward: chunked scans (pairwise differences of cumulative log-decays inside chunks
-    of 4 or 8, or a two-level scan carrying the state between chunks of 16) were 1.3x to 5x
-    slower than a step loop, because a decay per (channel, state) makes the pairwise form cost
-    chunk-size times the work of the loop. Plain autograd through the same loop was about 10 %
-    faster than `SelectiveScan` but held 4x the training memory (1.26 GB against 0.32 GB at
-    T=1024). The state keeps its autograd history; a trainer cuts it with `state.detach()`.
+    recomputation, section 3.3.2). Chosen by measurement on CPU (B=16, T=256, d_model=128, one
+    thread, forward + backward of the layer): chunked scans were slower than a step loop
+    (pairwise differences of cumulative log-decays in chunks of 4: 4x, of 8: 8x; a two-level scan
+    carrying the state between chunks of 16: 1.5x or more), because a decay per (channel, state)
+    makes the pairwise form cost chunk-size times the loop's work. Plain autograd through the
+    same loop is as fast but needs 4x the memory (peak of a forward + backward at T=1024: 1.36 GB
+    against 0.34 GB). The state keeps its autograd history; a trainer cuts it with `state.detach()`.
     """
 
     state_type = MambaState
@@ -260,7 +260,8 @@ class SelectiveScan(torch.autograd.Function):
         *inputs, checkpoints = ctx.saved_tensors
         steps = inputs[0].shape[0]
         grads = _ScanGrads.for_inputs(*inputs)
-        adjoint = g_h.clone()  # dLoss/dh_t, carried back in time
+        g_y = g_y.contiguous()  # it arrives as a transposed view
+        adjoint = g_h.clone(memory_format=torch.contiguous_format)  # dLoss/dh_t, back in time
         for index in reversed(range(len(checkpoints))):
             start = index * RECOMPUTE_SEGMENT
             stop = min(start + RECOMPUTE_SEGMENT, steps)
@@ -316,8 +317,10 @@ class _ScanGrads:
         dLoss/dh_{t-1}, computed in place."""
         dt, dt_u, b, c, rate = self.inputs
         adjoint.baddbmm_(c[t, :, :, None], g_y[t, :, None, :])  # y_t = C_t . h_t
-        torch.bmm(h, g_y[t, :, :, None], out=self.c[t, :, :, None])
-        torch.bmm(adjoint, dt_u[t, :, :, None], out=self.b[t, :, :, None])
+        # Sums over E as row-times-transposed-matrix products: BLAS runs those several times
+        # faster than matrix-times-column on this layout.
+        torch.bmm(g_y[t, :, None, :], h.mT, out=self.c[t, :, None, :])
+        torch.bmm(dt_u[t, :, None, :], adjoint.mT, out=self.b[t, :, None, :])
         torch.bmm(b[t, :, None, :], adjoint, out=self.dt_u[t, :, None, :])
         # Through a_t = exp2(dt_t * rate); 0 where a decay was snapped, as in autograd.
         exponent = torch.mul(adjoint, h_prev, out=self.exponent).mul_(decay)

@@ -66,7 +66,7 @@ def assert_grads_close(y_a: Tensor, y_b: Tensor, inputs: list[Tensor]) -> None:
 @pytest.mark.parametrize("threshold", [0.0, 0.9])
 def test_fast_matches_reference(threshold, steps, warm):
     """Outputs, final states and gradients into inputs, start state and weights, across the
-    fast path's recompute segments (32 steps) and a partial last one."""
+    fast path's recompute segments (16 steps) and a partial last one."""
     layer = mamba(threshold)
     state = warm_state(layer, 2, 7) if warm else layer.init_state(2, dtype=torch.float64)
     state = MambaState(ssm=state.ssm.requires_grad_(), conv=state.conv.requires_grad_())
@@ -100,7 +100,7 @@ def saved_bytes_for_backward(layer: MambaLayer, steps: int) -> int:
 
 
 def test_training_memory_per_token_is_well_under_one_state():
-    """The scan saves a state every 32 steps and recomputes the rest, so backward holds the
+    """The scan saves a state every 16 steps and recomputes the rest, so backward holds the
     activations of the projections per token, not the 2 or more states per token that autograd
     through the step loop would."""
     layer = mamba(memory_size=64)
