@@ -17,6 +17,7 @@ from memory_models.gru import GRUConfig
 from memory_models.hierarchical import HierarchicalConfig
 from memory_models.layer import MemoryConfig
 from memory_models.lstm import LSTMConfig
+from memory_models.mamba import MambaConfig
 from memory_models.memory_network import MemoryNetworkConfig
 from memory_models.sparse import SparseConfig
 from memory_models.retrieval import RetrievalConfig
@@ -34,6 +35,7 @@ REGISTRY: dict[str, type[MemoryConfig]] = {
     "sparse": SparseConfig,
     "deltanet": DeltaNetConfig,
     "retrieval": RetrievalConfig,
+    "mamba": MambaConfig,
 }
 
 # pydantic picks the config class from the `kind` tag and names the tag in its errors.

@@ -47,6 +47,7 @@ def test_registry_is_explicit_and_consistent():
         "sparse",
         "deltanet",
         "retrieval",
+        "mamba",
     }
     for kind, config_cls in REGISTRY.items():
         config = config_cls()
