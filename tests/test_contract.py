@@ -38,6 +38,9 @@ def test_registry_is_explicit_and_consistent():
         "compressive",
         "memory_network",
         "dynamic_memory",
+        "linear_attention",
+        "retnet",
+        "gla",
     }
     for kind, config_cls in REGISTRY.items():
         config = config_cls()
