@@ -13,14 +13,17 @@ from memory_models.attention import AttentionConfig
 from memory_models.compressive import CompressiveConfig
 from memory_models.deltanet import DeltaNetConfig
 from memory_models.dynamic_memory import DynamicMemoryConfig
+from memory_models.gla import GLAConfig
 from memory_models.gru import GRUConfig
 from memory_models.hierarchical import HierarchicalConfig
 from memory_models.layer import MemoryConfig
+from memory_models.linear_attention import LinearAttentionConfig
 from memory_models.lstm import LSTMConfig
 from memory_models.mamba import MambaConfig
 from memory_models.memory_network import MemoryNetworkConfig
 from memory_models.sparse import SparseConfig
 from memory_models.retrieval import RetrievalConfig
+from memory_models.retnet import RetNetConfig
 from memory_models.transformer_xl import TransformerXLConfig
 
 REGISTRY: dict[str, type[MemoryConfig]] = {
@@ -36,6 +39,9 @@ REGISTRY: dict[str, type[MemoryConfig]] = {
     "deltanet": DeltaNetConfig,
     "retrieval": RetrievalConfig,
     "mamba": MambaConfig,
+    "linear_attention": LinearAttentionConfig,
+    "retnet": RetNetConfig,
+    "gla": GLAConfig,
 }
 
 # pydantic picks the config class from the `kind` tag and names the tag in its errors.

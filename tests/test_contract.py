@@ -48,6 +48,9 @@ def test_registry_is_explicit_and_consistent():
         "deltanet",
         "retrieval",
         "mamba",
+        "linear_attention",
+        "retnet",
+        "gla",
     }
     for kind, config_cls in REGISTRY.items():
         config = config_cls()

@@ -1,0 +1,139 @@
+"""Multi-scale retention: linear attention whose state decays at a fixed rate per head (Sun et al.,
+2023, "Retentive Network")."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from memory_models.chunked_linear import (
+    Attend,
+    chunked_decayed_attention,
+    merge_heads,
+    recurrent_decayed_attention,
+    snap_log_decay,
+    split_heads,
+)
+from memory_models.layer import MemoryConfig, MemoryLayer
+from memory_models.state import MemoryState
+
+
+@dataclasses.dataclass
+class RetNetState(MemoryState):
+    memory: Tensor  # [B, H, Dk, Dv]: S = sum of gamma^(age) k v^T
+
+    def live_entries(self) -> Tensor:
+        # Each head holds one value direction per key dimension: Dk entries, always in use.
+        return torch.full(
+            (self.batch_size,), self.memory.shape[2], dtype=torch.long, device=self.memory.device
+        )
+
+
+class RetNetConfig(MemoryConfig):
+    """`memory_size` is d_k, the key dimension per head; the state is `n_heads` matrices
+    `[d_k, d_model / n_heads]`, whatever the sequence length.
+
+    `forget_threshold`: a head whose decay gamma_h = 1 - 2^(-5-h) is under it has its decay
+    snapped to 0, so that head keeps only the current token (S_t = k_t v_t^T). The gammas are
+    0.96875, 0.984375, ... (rising with h), so thresholds up to 0.96875 change nothing; 0.99 cuts
+    the first two heads. `chunk_size`: tokens per chunk of the fast path; it changes speed, never
+    results (16 was fastest on CPU at d_model 128).
+    """
+
+    shape_bound = frozenset({"memory_size"})  # d_k sizes the query and key projections
+
+    kind: Literal["retnet"] = "retnet"
+    memory_size: int = Field(default=16, ge=1)
+    n_heads: int = Field(default=4, ge=1)
+    chunk_size: int = Field(default=16, ge=1)
+
+    def build(self, d_model: int) -> RetNetLayer:
+        if d_model % self.n_heads != 0:
+            raise ValueError(
+                f"n_heads={self.n_heads} does not divide d_model={d_model}: each head reads "
+                "d_model / n_heads value dimensions; pick n_heads that divides d_model"
+            )
+        return RetNetLayer(self, d_model)
+
+
+def retention_decays(n_heads: int) -> Tensor:
+    """`[H]` float64: gamma_h = 1 - 2^(-5-h), the multi-scale decays (Sun et al., 2023, eq. 8)."""
+    return 1.0 - 2.0 ** (-5.0 - torch.arange(n_heads, dtype=torch.float64))
+
+
+class RetNetLayer(MemoryLayer):
+    """Multi-scale retention (Sun et al., 2023): per head h, retention with decay gamma_h,
+
+        S_t = gamma_h S_{t-1} + k_t v_t^T,   o_t = S_t^T q_t          (eq. 6; eq. 5 in parallel)
+
+    with `q` scaled by d_k^(-1/2); then, as in MSR (eq. 8), a per-head GroupNorm of the outputs and
+    a swish gate: y = (swish(x W_G) * GroupNorm_h(o)) W_O.
+
+    Kept from the paper: the multi-scale gammas, the d_k^(-1/2) scale, GroupNorm per head and the
+    swish gate. Left out: the xPos rotation of q and k (positions enter only through the decay, so
+    no position counter is carried), and the retention-score normalisations of section 2.2 (the
+    per-row rescalings of D are undone by the GroupNorm anyway). Fast path: the chunkwise form
+    (eq. 7) of the shared kernel; reference: the recurrence one step at a time. Chunk invariant.
+    """
+
+    state_type = RetNetState
+    config: RetNetConfig
+
+    def __init__(self, config: RetNetConfig, d_model: int) -> None:
+        super().__init__(config, d_model)
+        self.n_heads = config.n_heads
+        self.key_dim = config.memory_size
+        self.value_dim = d_model // config.n_heads
+        self.query = nn.Linear(d_model, self.n_heads * self.key_dim, bias=False)
+        self.key = nn.Linear(d_model, self.n_heads * self.key_dim, bias=False)
+        self.value = nn.Linear(d_model, d_model, bias=False)
+        self.gate = nn.Linear(d_model, d_model, bias=False)
+        self.norm = nn.GroupNorm(self.n_heads, d_model)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def init_state(
+        self, batch_size: int, device=None, dtype: torch.dtype = torch.float32
+    ) -> RetNetState:
+        shape = (batch_size, self.n_heads, self.key_dim, self.value_dim)
+        return RetNetState(memory=torch.zeros(shape, device=device, dtype=dtype))
+
+    def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
+        return self.n_heads * self.key_dim * self.value_dim * torch.finfo(dtype).bits // 8
+
+    def forward(self, x: Tensor, state: RetNetState | None = None) -> tuple[Tensor, RetNetState]:
+        """`x: [B, T, D]` -> `y: [B, T, D]`, chunkwise parallel."""
+        attend = functools.partial(chunked_decayed_attention, chunk_size=self.config.chunk_size)
+        return self._attend(x, state, attend)
+
+    def reference_forward(
+        self, x: Tensor, state: RetNetState | None = None
+    ) -> tuple[Tensor, RetNetState]:
+        """Eq. 6 one step at a time."""
+        return self._attend(x, state, recurrent_decayed_attention)
+
+    def _log_decay(self, x: Tensor) -> Tensor:
+        """`[B, H, T, 1]`: log gamma_h at every step, before the forget threshold."""
+        log_gamma = retention_decays(self.n_heads).log().to(device=x.device, dtype=x.dtype)
+        return log_gamma[None, :, None, None].expand(x.shape[0], -1, x.shape[1], 1)
+
+    def _attend(
+        self, x: Tensor, state: RetNetState | None, attend: Attend
+    ) -> tuple[Tensor, RetNetState]:
+        state = self._state_or_init(x, state)
+        q = split_heads(self.query(x), self.n_heads) * self.key_dim**-0.5  # [B, H, T, Dk]
+        k = split_heads(self.key(x), self.n_heads)
+        v = split_heads(self.value(x), self.n_heads)  # [B, H, T, Dv]
+        log_decay = snap_log_decay(self._log_decay(x), self.config.forget_threshold)
+        read, memory = attend(q, k, v, log_decay, state.memory)  # [B, H, T, Dv]
+        return self._output(x, merge_heads(read)), RetNetState(memory=memory)
+
+    def _output(self, x: Tensor, read: Tensor) -> Tensor:
+        """`(swish(x W_G) * GroupNorm_h(read)) W_O`; `read: [B, T, D]`, normalised per token."""
+        normed = self.norm(read.flatten(0, 1)).view_as(read)
+        return self.out(F.silu(self.gate(x)) * normed)
