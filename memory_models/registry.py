@@ -21,27 +21,31 @@ from memory_models.linear_attention import LinearAttentionConfig
 from memory_models.lstm import LSTMConfig
 from memory_models.mamba import MambaConfig
 from memory_models.memory_network import MemoryNetworkConfig
-from memory_models.sparse import SparseConfig
-from memory_models.retrieval import RetrievalConfig
 from memory_models.retnet import RetNetConfig
+from memory_models.retrieval import RetrievalConfig
+from memory_models.sparse import SparseConfig
 from memory_models.transformer_xl import TransformerXLConfig
 
 REGISTRY: dict[str, type[MemoryConfig]] = {
+    # Gated recurrences: a vector of state.
     "lstm": LSTMConfig,
     "gru": GRUConfig,
-    "attention": AttentionConfig,
-    "transformer_xl": TransformerXLConfig,
-    "compressive": CompressiveConfig,
-    "memory_network": MemoryNetworkConfig,
-    "dynamic_memory": DynamicMemoryConfig,
-    "hierarchical": HierarchicalConfig,
-    "sparse": SparseConfig,
-    "deltanet": DeltaNetConfig,
-    "retrieval": RetrievalConfig,
-    "mamba": MambaConfig,
+    # Fixed-state families: a matrix of state per head, a linear recurrence with a decay or gate.
     "linear_attention": LinearAttentionConfig,
     "retnet": RetNetConfig,
     "gla": GLAConfig,
+    "deltanet": DeltaNetConfig,
+    "mamba": MambaConfig,
+    # Attention over a cache of past keys and values, full or bounded.
+    "attention": AttentionConfig,
+    "sparse": SparseConfig,
+    "hierarchical": HierarchicalConfig,
+    "transformer_xl": TransformerXLConfig,
+    "compressive": CompressiveConfig,
+    # External memories written and read by learned addressing or retrieval.
+    "memory_network": MemoryNetworkConfig,
+    "dynamic_memory": DynamicMemoryConfig,
+    "retrieval": RetrievalConfig,
 }
 
 # pydantic picks the config class from the `kind` tag and names the tag in its errors.
