@@ -16,6 +16,7 @@ from memory_models.gru import GRUConfig
 from memory_models.layer import MemoryConfig
 from memory_models.lstm import LSTMConfig
 from memory_models.memory_network import MemoryNetworkConfig
+from memory_models.reformer import ReformerConfig
 from memory_models.transformer_xl import TransformerXLConfig
 
 REGISTRY: dict[str, type[MemoryConfig]] = {
@@ -26,6 +27,7 @@ REGISTRY: dict[str, type[MemoryConfig]] = {
     "compressive": CompressiveConfig,
     "memory_network": MemoryNetworkConfig,
     "dynamic_memory": DynamicMemoryConfig,
+    "reformer": ReformerConfig,
 }
 
 # pydantic picks the config class from the `kind` tag and names the tag in its errors.

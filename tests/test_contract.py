@@ -38,6 +38,7 @@ def test_registry_is_explicit_and_consistent():
         "compressive",
         "memory_network",
         "dynamic_memory",
+        "reformer",
     }
     for kind, config_cls in REGISTRY.items():
         config = config_cls()
