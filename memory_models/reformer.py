@@ -118,8 +118,10 @@ class _Reads:
 
     reads: Tensor  # [B, H, R, T, Dh] each round's attention output
     lse: Tensor  # [B, H, R, T] each round's log-sum-exp of the visible scores
-    probs: Tensor  # [B, H, R, T, 3m] weights over the query's look-back window
-    key_items: Tensor  # [B, H, R, T, 3m] long: the item index of each window slot (-1: none)
+    # Only where eviction reads shares: the weights over each query's look-back window and the
+    # item index of each window slot (-1: none), both [B, H, R, T, 3m].
+    probs: Tensor | None = None
+    key_items: Tensor | None = None
 
 
 class ReformerLayer(MemoryLayer):
@@ -258,7 +260,8 @@ class ReformerLayer(MemoryLayer):
         return torch.where(live, reach, 0).permute(0, 2, 3, 1)
 
     def _lsh_attention(self, items: _Items, steps: int) -> _Reads:
-        """Every head and round: sort, attend to the reach just before each query, read the chunk.
+        """Every head and round: sort, attend to the reach just before each query, and return
+        what the chunk's queries (the last `steps` items) read.
 
         The sorted order is padded to whole chunks; padding and dead items sort last and reach
         nothing, so they only ever see themselves, and no live query reaches them.
@@ -276,7 +279,24 @@ class ReformerLayer(MemoryLayer):
             for t in (items.queries, items.keys, items.values)
         )
         reach = sorted_chunks(self._reach(items).gather(3, order), 0)  # [B, H, R, C, m]
-        key_items = _look_back(sorted_chunks(order, -1), -1)  # [B, H, R, C, 3m]
+        reads, lse, probs = self._attend_in_chunks(q, k, v, reach)
+        # Where each of the chunk's queries sits in sorted order.
+        slots = order.argsort(dim=-1)[..., total - steps :]  # [B, H, R, T]
+        result = _Reads(reads=_gather_rows(reads, slots), lse=lse.gather(3, slots))
+        if self._tracks_share:
+            key_items = _look_back(sorted_chunks(order, -1), -1)  # [B, H, R, C, 3m]
+            windows = key_items[..., None, :].expand(*chunks, 3 * m).flatten(3, 4)
+            result.probs = _gather_rows(probs.detach(), slots)
+            result.key_items = _gather_rows(windows, slots)
+        return result
+
+    def _attend_in_chunks(
+        self, q: Tensor, k: Tensor, v: Tensor, reach: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Sorted chunks `q, k, v: [B, H, R, C, m, Dh]`, `reach: [B, H, R, C, m]` -> each sorted
+        query's read `[B, H, R, Np, Dh]`, log-sum-exp `[B, H, R, Np]` and weights over its
+        window (its chunk and the two before) `[B, H, R, Np, 3m]`."""
+        m = q.shape[4]
         scores = torch.einsum("bhrcid,bhrcjd->bhrcij", q, _look_back(k, 0.0))
         scores = scores / math.sqrt(self.head_dim)  # [B, H, R, C, m, 3m]
         # Query row i of a chunk sits 2m + i - j sorted slots after window slot j.
@@ -285,18 +305,10 @@ class ReformerLayer(MemoryLayer):
         reach = reach[..., None]
         visible = ((back >= 1) & (back <= reach)) | ((back == 0) & (reach == 0))
         scores = scores.masked_fill(~visible, float("-inf"))
-        lse = scores.logsumexp(dim=-1)  # [B, H, R, C, m]; every row sees at least itself
+        lse = scores.logsumexp(dim=-1)  # every row sees at least itself
         probs = (scores - lse[..., None]).exp()
         reads = torch.einsum("bhrcij,bhrcjd->bhrcid", probs, _look_back(v, 0.0))
-        # Where each of the chunk's queries (the last `steps` items) sits in sorted order.
-        slots = order.argsort(dim=-1)[..., total - steps :]  # [B, H, R, T]
-        windows = key_items[..., None, :].expand(*chunks, 3 * m)
-        return _Reads(
-            reads=_gather_rows(reads.flatten(3, 4), slots),
-            lse=lse.flatten(3).gather(3, slots),
-            probs=_gather_rows(probs.flatten(3, 4), slots),
-            key_items=_gather_rows(windows.flatten(3, 4), slots),
-        )
+        return reads.flatten(3, 4), lse.flatten(3), probs.flatten(3, 4)
 
     def _sort_order(self, items: _Items) -> Tensor:
         """`[B, H, R, N]`: item indices sorted by (bucket, position), dead items last.
