@@ -1,7 +1,8 @@
 """`SequenceModel`: embedding -> N blocks of (norm + memory layer, norm + MLP) -> head.
 
 The memory layer of every block is built from one `memory` config picked by its `kind` tag, so the
-same model, trainer and server work for every mechanism in the registry.
+same model, trainer and server work for every mechanism in the registry. With `reversible` the
+blocks are coupled as reversible residual layers (`memory_models.reversible`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from memory_models.layer import MemoryLayer
 from memory_models.registry import AnyMemoryConfig
+from memory_models.reversible import coupled_forward, reversible_forward
 from memory_models.state import MemoryState
 
 
@@ -29,6 +31,11 @@ class SequenceModelConfig(BaseModel):
     n_layers: int = Field(default=2, ge=1)
     mlp_ratio: int = Field(default=4, ge=1)
     memory: AnyMemoryConfig
+    #: Reversible residual layers (Gomez et al., 2017; Kitaev et al., 2020, section 3): two
+    #: residual streams, `y1 = x1 + Memory(norm(x2))`, `y2 = x2 + MLP(norm(y1))`, averaged at the
+    #: end; training keeps no per-block activations and recomputes them in the backward pass.
+    #: Same parameters as the plain model, a different function of them.
+    reversible: bool = False
 
     def build(self) -> SequenceModel:
         return SequenceModel(self)
@@ -93,14 +100,30 @@ class Block(nn.Module):
     def forward(
         self, x: Tensor, state: MemoryState | None, reference: bool = False
     ) -> tuple[Tensor, MemoryState]:
-        run = self.memory.reference_forward if reference else self.memory
-        mixed, state = run(self.memory_norm(x), state)
+        mixed, state = self.mix(x, state, reference)
         x = x + mixed
-        return x + self.mlp(self.mlp_norm(x)), state
+        return x + self.feed(x), state
+
+    def mix(
+        self, x: Tensor, state: MemoryState | None, reference: bool = False
+    ) -> tuple[Tensor, MemoryState]:
+        """The memory half of the residual: `Memory(norm(x))` and the memory's new state."""
+        run = self.memory.reference_forward if reference else self.memory
+        return run(self.memory_norm(x), state)
+
+    def feed(self, x: Tensor) -> Tensor:
+        """The MLP half of the residual: `MLP(norm(x))`."""
+        return self.mlp(self.mlp_norm(x))
 
 
 class SequenceModel(nn.Module):
-    """Token model over any memory mechanism: `forward(tokens, state) -> (logits, state)`."""
+    """Token model over any memory mechanism: `forward(tokens, state) -> (logits, state)`.
+
+    With `config.reversible`, training (gradients enabled, fast path) goes through
+    `reversible_forward`, which stores no per-block activations; inference and
+    `reference_forward` run the same coupling under plain autograd. Setting `keep_activations`
+    makes training do so too: the same function and gradients, with every activation stored.
+    """
 
     def __init__(self, config: SequenceModelConfig) -> None:
         super().__init__()
@@ -112,6 +135,11 @@ class SequenceModel(nn.Module):
         self.head.weight = self.embedding.weight  # tied: fewer parameters, same quality here
         # Unit-variance embeddings would make the tied head's logits grow with sqrt(d_model).
         nn.init.normal_(self.embedding.weight, std=config.d_model**-0.5)
+        self.keep_activations = False
+        # The summed auxiliary loss of the last reversible training forward, which the memory
+        # layers cannot hand out themselves (their forward ran without autograd).
+        self._stack_aux_loss: Tensor | None = None
+        self._aux_from_stack = False
 
     def init_state(
         self, batch_size: int, device: torch.device | str | None = None, dtype=torch.float32
@@ -133,14 +161,30 @@ class SequenceModel(nn.Module):
     ) -> tuple[Tensor, ModelState]:
         layer_states = state.layers if state is not None else [None] * len(self.blocks)
         x = self.embedding(tokens)  # [B, T, D]
+        self._aux_from_stack = False
+        if self.config.reversible:
+            x, new_states = self._run_reversible(x, layer_states, reference)
+            return self.head(self.final_norm(x)), ModelState(new_states)
         new_states = []
         for block, layer_state in zip(self.blocks, layer_states, strict=True):
             x, layer_state = block(x, layer_state, reference)
             new_states.append(layer_state)
         return self.head(self.final_norm(x)), ModelState(new_states)
 
+    def _run_reversible(
+        self, x: Tensor, layer_states: list[MemoryState | None], reference: bool
+    ) -> tuple[Tensor, list[MemoryState]]:
+        blocks = list(self.blocks)
+        if reference or self.keep_activations or not torch.is_grad_enabled():
+            return coupled_forward(blocks, x, layer_states, reference)
+        x, new_states, self._stack_aux_loss = reversible_forward(blocks, x, layer_states)
+        self._aux_from_stack = True
+        return x, new_states
+
     def auxiliary_loss(self) -> Tensor | None:
         """Sum of the memory layers' auxiliary losses from the last forward, if any."""
+        if self._aux_from_stack:
+            return self._stack_aux_loss
         losses = [b.memory.auxiliary_loss() for b in self.blocks]
         losses = [loss for loss in losses if loss is not None]
         return torch.stack(losses).sum() if losses else None

@@ -21,6 +21,7 @@ from memory_models.linear_attention import LinearAttentionConfig
 from memory_models.lstm import LSTMConfig
 from memory_models.mamba import MambaConfig
 from memory_models.memory_network import MemoryNetworkConfig
+from memory_models.reformer import ReformerConfig
 from memory_models.retnet import RetNetConfig
 from memory_models.retrieval import RetrievalConfig
 from memory_models.sparse import SparseConfig
@@ -39,6 +40,7 @@ REGISTRY: dict[str, type[MemoryConfig]] = {
     # Attention over a cache of past keys and values, full or bounded.
     "attention": AttentionConfig,
     "sparse": SparseConfig,
+    "reformer": ReformerConfig,
     "hierarchical": HierarchicalConfig,
     "transformer_xl": TransformerXLConfig,
     "compressive": CompressiveConfig,

@@ -51,6 +51,7 @@ def test_registry_is_explicit_and_consistent():
         "linear_attention",
         "retnet",
         "gla",
+        "reformer",
     }
     for kind, config_cls in REGISTRY.items():
         config = config_cls()
