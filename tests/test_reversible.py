@@ -189,7 +189,7 @@ def test_the_training_loop_learns_with_reversible_layers(kind):
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
     scheduler = lr_schedule(optimizer, warmup_steps=1, total_steps=30, kind="constant")
     inputs = torch.randint(0, VOCAB, (4, 32))
-    batch = {"inputs": inputs, "targets": inputs.roll(1, dims=1)}  # recall the previous token
+    batch = {"inputs": inputs, "labels": inputs.roll(1, dims=1)}  # recall the previous token
     losses = [
         train_batch(module, batch, optimizer, scheduler, segment_len=16, grad_clip=1.0).loss
         for _ in range(30)
