@@ -115,11 +115,17 @@ def prep(
     from pipelines.data import DataError
     from pipelines.data.build import build_datasets
     from pipelines.data.config import config_from_overrides
+    from pipelines.runtime import VanishingOutputs, refuse_vanishing_outputs
 
     try:
         config = config_from_overrides(task, overrides, cache_dir)
     except DataError as error:
         raise typer.BadParameter(str(error), param_hint="--task/--override") from error
+    try:
+        refuse_vanishing_outputs({"the data cache (--cache-dir)": config.cache_dir})
+    except VanishingOutputs as error:
+        console.print(f"[bold red]error:[/bold red] {error}", highlight=False)
+        raise typer.Exit(2) from None
     with (
         _framework_logs("prep", verbose),
         _ray(ray_address),
@@ -274,19 +280,26 @@ def serve_command(
     except ValidationError as error:
         raise typer.BadParameter(str(error)) from error
     keyed = args.resolved().requires_api_key
+    if host != LOOPBACK and not keyed:
+        raise typer.BadParameter(
+            f"--host {host} opens the server beyond loopback: set MEMLAB_API_KEY first (clients "
+            "then send it as X-API-Key), or keep the default 127.0.0.1",
+            param_hint="--host",
+        )
+    deploying = console.status("deploying with Ray Serve (the model loads in each replica)...")
 
     def ready(url: str) -> None:
+        deploying.stop()
         key = "required (X-API-Key header)" if keyed else "not required (set MEMLAB_API_KEY)"
         console.print(f"[bold green]serving[/bold green] {model_uri} at {url}")
         console.print(f"API docs: {url}/docs\nAPI key: {key}\nCtrl-C stops the server.")
-        if host != LOOPBACK and not keyed:
-            console.print("[bold red]warning:[/bold red] listening beyond loopback without a key")
 
     with _framework_logs("serve", verbose), _ray(ray_address):
+        deploying.start()
         try:
-            with console.status("deploying with Ray Serve..."):
-                serve_until_interrupted(args, host=host, port=port, name=name, on_ready=ready)
+            serve_until_interrupted(args, host=host, port=port, name=name, on_ready=ready)
         except RuntimeError as error:  # the model did not load, the port is taken...
+            deploying.stop()
             console.print(f"[bold red]error:[/bold red] {error}")
             raise typer.Exit(1) from None
 
@@ -349,10 +362,12 @@ def run(
 
 
 def _config(recipe: str, overrides: list[str] | None, extra: dict | None = None):
-    """The recipe with the overrides applied and checked, or a usage error naming the key."""
+    """The recipe with the overrides applied and checked, or a usage error naming the key; and
+    refused when its results would vanish with a Ray job's temporary working directory."""
     from pipelines.data import DataError
     from pipelines.experiment import OverrideError, apply_overrides
     from pipelines.recipes import recipe as load_recipe
+    from pipelines.runtime import VanishingOutputs, refuse_vanishing_outputs
 
     try:
         config = apply_overrides(load_recipe(recipe), list(overrides or []))
@@ -360,7 +375,26 @@ def _config(recipe: str, overrides: list[str] | None, extra: dict | None = None)
         config.data.check()
     except (OverrideError, DataError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint="OVERRIDES/--recipe") from error
+    try:
+        refuse_vanishing_outputs(_outputs(config))
+    except VanishingOutputs as error:
+        console.print(f"[bold red]error:[/bold red] {error}", highlight=False)
+        raise typer.Exit(2) from None
     return config
+
+
+def _outputs(config) -> dict[str, Path]:
+    """Where a run writes what must outlive it, by the name a user sets it with."""
+    from pipelines.runtime import local_store_file
+
+    outputs = {
+        "checkpoints (run.storage_path)": config.run.storage_path,
+        "the data cache (data.cache_dir)": config.data.cache_dir,
+    }
+    store = local_store_file(config.tracking.resolved_uri())
+    if store is not None:
+        outputs["the MLflow store (MLFLOW_TRACKING_URI)"] = store
+    return outputs
 
 
 def _framework_logs(command: str, verbose: bool):

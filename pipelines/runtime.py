@@ -30,6 +30,42 @@ class RayConnectError(RuntimeError):
     """No Ray cluster could be joined or started; the message says why and what to do."""
 
 
+class VanishingOutputs(ValueError):
+    """Results would be written where they are deleted when the job's cluster stops."""
+
+
+def job_working_dir(cwd: Path | None = None) -> Path | None:
+    """The working directory when this process runs in Ray's unpacked copy of a job's
+    `--working-dir` (under the session's `runtime_resources/`, deleted at `ray stop`), else None."""
+    cwd = (cwd or Path.cwd()).resolve()
+    return cwd if "runtime_resources" in cwd.parts else None
+
+
+def local_store_file(tracking_uri: str) -> Path | None:
+    """The file or folder a local MLflow store writes to (`sqlite:///...`, `file:...`, a bare
+    path), None for a server."""
+    for scheme in ("sqlite:///", "file://", "file:"):
+        if tracking_uri.startswith(scheme):
+            return Path(tracking_uri.removeprefix(scheme))
+    return None if "://" in tracking_uri else Path(tracking_uri)
+
+
+def refuse_vanishing_outputs(outputs: dict[str, Path], cwd: Path | None = None) -> None:
+    """Inside a job's temporary working directory, refuse outputs that resolve under it
+    (`outputs`: what each is called -> where it would go), naming the one-line fix."""
+    working = job_working_dir(cwd)
+    if working is None:
+        return
+    doomed = [name for name, path in outputs.items() if path.resolve().is_relative_to(working)]
+    if doomed:
+        raise VanishingOutputs(
+            f"this Ray job runs in Ray's temporary copy of the project ({working}), deleted at "
+            f"`ray stop`: {', '.join(doomed)} would vanish with it. Point MLFLOW_TRACKING_URI at "
+            "a tracking server (cluster/mlflow-server.sh) and add run.storage_path=/shared/dir "
+            "data.cache_dir=/shared/dir/data, or submit with `memlab submit --run-dir /shared/dir`"
+        )
+
+
 @dataclass(frozen=True)
 class RayRuntime:
     """The cluster a command runs on. `private`: started by this process, which stops it."""
@@ -91,6 +127,7 @@ def start_private() -> None:
     on a 2-core laptop without anyone waiting forever for a CPU.
     """
     ray.init(
+        address="local",  # a new cluster even when a head runs here (else Ray may join it)
         num_cpus=max(4, os.cpu_count() or 1),
         include_dashboard=True,  # Train's placement-group cleanup needs the state API
         dashboard_host="127.0.0.1",

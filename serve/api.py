@@ -1,34 +1,48 @@
-"""The HTTP surface: FastAPI routes over a `MemlabService`, with the safety rules around them.
+"""The HTTP surface, run by the ingress deployment: FastAPI routes over the model deployment.
 
-- an API key (`X-API-Key`) on every route but `/healthz` (the docs and `/openapi.json`
-  included), when one is configured, compared in constant time and never logged;
-- bodies over `limits.max_body_bytes` answered 413 before they are parsed;
-- schema errors 422 naming the field (without echoing the input back), refusals from the service
-  with their own status, and a per-request deadline (503 with `Retry-After` when it passes).
+- an API key (`X-API-Key`) on every route but `/healthz` (the docs and `/openapi.json` included)
+  when one is configured, compared in constant time and never logged; when none is, the OpenAPI
+  document asks for none;
+- requests checked here, before any model work: schemas carry the application's limits and the
+  model's vocabulary (so `/openapi.json` states them), sizes beyond a limit get 413, malformed
+  JSON 400, schema errors 422 naming the field (without echoing the input back);
+- every failure is a JSON body `{"detail": ...}`: refusals with their own status, and when the
+  model replica serving a request dies, is overloaded or misses the deadline, 503 with
+  `Retry-After`. An append or generation sent with an `Idempotency-Key` is applied at most once,
+  so such a retry is always safe.
 
-The app is built per replica (`__serve_build_asgi_app__`), since it closes over that replica's
-service and the deployment's arguments.
+(No `from __future__ import annotations` here: the routes' body types are built per application
+at run time, and FastAPI must see them as classes, not names.)
 """
-
-from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, HTTPException, Response, Security, status
+import ray
+from fastapi import Depends, FastAPI, Header, HTTPException, Response, Security, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
+from pydantic import Field, StrictInt, create_model
+from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.args import Limits
-from serve.errors import InvalidField, ServeError, Unavailable, retry_after
+from serve.errors import (
+    InvalidField,
+    ServeError,
+    SessionNotFound,
+    TooLarge,
+    Unavailable,
+    retry_after,
+)
 from serve.schema import (
     API_KEY_HEADER,
+    IDEMPOTENCY_HEADER,
     AppendRequest,
     AppendResponse,
     ErrorBody,
@@ -40,21 +54,107 @@ from serve.schema import (
     PredictResponse,
     SessionInfo,
 )
-from serve.service import MemlabService
 
 T = TypeVar("T")
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 409, 410, 413, 422, 503)
+# Session ids are uuid4 hex; anything longer is unknown without asking the store.
+MAX_SESSION_ID = 64
+MAX_IDEMPOTENCY_KEY = 128
+NOT_JSON = {
+    "loc": ["body"],
+    "msg": "the request body is not valid JSON (send it with Content-Type: application/json)",
+    "type": "json_invalid",
+}
+_ERROR_STATUSES = {
+    400: "malformed JSON",
+    404: "no such session",
+    409: "the session is busy, or has read nothing yet",
+    410: "the session expired, was evicted or was made by another model",
+    413: "the request is over a size limit (body bytes, tokens, sequences)",
+    422: "a field is missing, misspelt or out of range (its place is in `detail`)",
+    503: "overloaded, past the deadline, or the replica stopped: retry after `Retry-After`",
 }
 
 
-def build_api(service: MemlabService, limits: Limits, api_key: str | None) -> FastAPI:
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the ingress knows of the served model to check requests: its vocabulary."""
+
+    vocab_size: int
+    reads_bytes: bool
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request bodies with this application's limits and vocabulary in their schema."""
+
+    predict: type[PredictRequest]
+    append: type[AppendRequest]
+    generate: type[GenerateRequest]
+
+
+def request_models(limits: Limits, facts: ModelFacts) -> RequestModels:
+    token = Annotated[StrictInt, Field(ge=0, lt=facts.vocab_size)]
+    tokens_limit = {"maxItems": limits.max_tokens_per_request}  # beyond: 413, not 422
+    top_k = Annotated[int, Field(ge=1, le=limits.max_top_k)]
+    sequence = Annotated[list[token], Field(min_length=1, json_schema_extra=tokens_limit)]
+    predict = create_model(
+        "PredictRequest",
+        __base__=PredictRequest,
+        sequences=(
+            list[sequence],
+            Field(min_length=1, json_schema_extra={"maxItems": limits.max_sequences_per_request}),
+        ),
+        top_k=(top_k, 5),
+    )
+    append = create_model(
+        "AppendRequest",
+        __base__=AppendRequest,
+        tokens=(sequence | None, None),
+        top_k=(top_k, 5),
+    )
+    generate = create_model(
+        "GenerateRequest",
+        __base__=GenerateRequest,
+        max_new_tokens=(int, Field(16, ge=1, le=limits.max_new_tokens)),
+        top_k=(top_k | None, None),
+    )
+    return RequestModels(predict, append, generate)
+
+
+class Gateway:
+    """The ingress's calls to the model deployment: a session's requests go to the replica that
+    holds it (multiplexing keyed by session id), and Ray's failures become JSON refusals."""
+
+    def __init__(self, handle: Any, affinity: bool) -> None:
+        self.handle = handle  # ray.serve.handle.DeploymentHandle of serve.app.MemlabModel
+        self.affinity = affinity
+
+    async def call(self, method: str, *args: Any, session_id: str | None = None) -> Any:
+        handle = self.handle
+        if session_id is not None and self.affinity:
+            handle = handle.options(multiplexed_model_id=session_id)
+        try:
+            return await getattr(handle, method).remote(*args)
+        except ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, ServeError):
+                raise error.cause from None
+            raise
+        except BackPressureError:
+            raise Unavailable("the model is at capacity; retry", retry_after(1)) from None
+        except (ray.exceptions.RayActorError, RequestCancelledError) as error:
+            raise Unavailable(
+                "the replica serving this request stopped before answering; retry (an append "
+                f"sent with an {IDEMPOTENCY_HEADER} is applied at most once)",
+                retry_after(1),
+            ) from error
+
+
+def build_api(gateway: Gateway, limits: Limits, facts: ModelFacts, api_key: str | None) -> FastAPI:
     app = FastAPI(
         title="memlab",
         summary="Sequence models with memory: stateless predictions and stateful sessions.",
         version="1",
-        responses=_ERRORS,
+        responses={code: {"model": ErrorBody, "description": d} for code, d in _errors(api_key)},
         # Served below behind the key like every other route, not by FastAPI's open defaults.
         docs_url=None,
         redoc_url=None,
@@ -62,8 +162,19 @@ def build_api(service: MemlabService, limits: Limits, api_key: str | None) -> Fa
     )
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     _add_error_handlers(app)
-    guarded = [Depends(_key_check(api_key))]
+    guarded = [Depends(_key_check(api_key))] if api_key is not None else []
+    bodies = request_models(limits, facts)
+    checks = Checks(limits, facts)
     deadline = limits.request_timeout_s
+    Idempotency = Annotated[
+        str | None,
+        Header(
+            alias=IDEMPOTENCY_HEADER,
+            max_length=MAX_IDEMPOTENCY_KEY,
+            description="a client-chosen id of this update: a retry with the same id is "
+            "answered with the first attempt's result and applied at most once",
+        ),
+    ]
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=guarded)
     async def openapi() -> JSONResponse:
@@ -75,40 +186,55 @@ def build_api(service: MemlabService, limits: Limits, api_key: str | None) -> Fa
 
     @app.get("/healthz", tags=["service"])
     async def health() -> Health:
-        """Liveness and the session store's reachability; needs no API key."""
-        return await service.health()
+        """Liveness and the session store's reachability; never needs a key."""
+        return await _within(deadline, gateway.call("health"))
 
     @app.get("/v1/model", tags=["service"], dependencies=guarded)
     async def model_card() -> ModelCard:
         """The served model: mechanism, config, metrics, MLflow run and registry version."""
-        return service.model_card()
+        return await _within(deadline, gateway.call("model_card"))
 
     @app.post("/v1/predict", tags=["stateless"], dependencies=guarded)
-    async def predict(body: PredictRequest) -> PredictResponse:
+    async def predict(body: bodies.predict) -> PredictResponse:
         """Read each sequence from empty memory and report the predictions at `positions`."""
-        return await _within(deadline, service.predict(body))
+        positions = checks.predict(body)
+        call = gateway.call("predict", body.sequences, positions, body.top_k)
+        return PredictResponse(results=await _within(deadline, call))
 
     @app.post(
         "/v1/sessions", status_code=status.HTTP_201_CREATED, tags=["sessions"], dependencies=guarded
     )
     async def create_session() -> SessionInfo:
         """A new session with empty memory."""
-        return await _within(deadline, service.create_session())
+        return await _within(deadline, gateway.call("create_session"))
 
     @app.get("/v1/sessions/{session_id}", tags=["sessions"], dependencies=guarded)
     async def inspect_session(session_id: str) -> SessionInfo:
         """Tokens read, state bytes and live memory slots of a session."""
-        return await _within(deadline, service.inspect(session_id))
+        checks.session_id(session_id)
+        return await _within(deadline, gateway.call("inspect", session_id, session_id=session_id))
 
     @app.post("/v1/sessions/{session_id}/append", tags=["sessions"], dependencies=guarded)
-    async def append(session_id: str, body: AppendRequest) -> AppendResponse:
+    async def append(
+        session_id: str, body: bodies.append, request_id: Idempotency = None
+    ) -> AppendResponse:
         """Feed tokens (or text) into the session's memory; predictions for what was appended."""
-        return await _within(deadline, service.append(session_id, body))
+        checks.session_id(session_id)
+        tokens = checks.append_tokens(body)
+        call = gateway.call(
+            "append", session_id, tokens, body.top_k, request_id, session_id=session_id
+        )
+        return await _within(deadline, call)
 
     @app.post("/v1/sessions/{session_id}/generate", tags=["sessions"], dependencies=guarded)
-    async def generate(session_id: str, body: GenerateRequest) -> GenerateResponse:
+    async def generate(
+        session_id: str, body: bodies.generate, request_id: Idempotency = None
+    ) -> GenerateResponse:
         """Continue the session; with `advance` the continuation joins its memory."""
-        return await _within(deadline, service.generate(session_id, body))
+        checks.session_id(session_id)
+        request = GenerateRequest.model_validate(body.model_dump())
+        call = gateway.call("generate", session_id, request, request_id, session_id=session_id)
+        return await _within(deadline, call)
 
     @app.delete(
         "/v1/sessions/{session_id}",
@@ -118,13 +244,90 @@ def build_api(service: MemlabService, limits: Limits, api_key: str | None) -> Fa
     )
     async def delete_session(session_id: str) -> Response:
         """Forget the session and its memory."""
-        await _within(deadline, service.delete(session_id))
+        checks.session_id(session_id)
+        await _within(deadline, gateway.call("delete", session_id, session_id=session_id))
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     return app
 
 
-async def _within(seconds: float, work: Awaitable[T]) -> T:
+def _errors(api_key: str | None) -> list[tuple[int, str]]:
+    codes = dict(_ERROR_STATUSES)
+    if api_key is not None:
+        codes[401] = f"missing or wrong API key (send it in the {API_KEY_HEADER} header)"
+    return sorted(codes.items())
+
+
+class Checks:
+    """The request checks the schemas cannot express: totals over a request, positions against
+    lengths, text as bytes."""
+
+    def __init__(self, limits: Limits, facts: ModelFacts) -> None:
+        self.limits = limits
+        self.facts = facts
+
+    def predict(self, body: PredictRequest) -> list[list[int]]:
+        """Size limits, then each sequence's positions resolved (default: its last)."""
+        self.size(len(body.sequences), sum(len(s) for s in body.sequences))
+        wanted = body.positions or [[-1] for _ in body.sequences]
+        for index, (positions, sequence) in enumerate(zip(wanted, body.sequences, strict=True)):
+            self._positions(positions, len(sequence), index)
+        return wanted
+
+    def append_tokens(self, body: AppendRequest) -> list[int]:
+        if body.text is not None:
+            tokens = text_tokens(body.text, self.facts.vocab_size)
+        else:
+            assert body.tokens is not None  # the schema asks for exactly one of the two
+            tokens = body.tokens
+        self.size(1, len(tokens))
+        return tokens
+
+    def size(self, sequences: int, tokens: int) -> None:
+        limits = self.limits
+        if sequences > limits.max_sequences_per_request:
+            raise TooLarge(
+                f"{sequences} sequences in one request; at most {limits.max_sequences_per_request}"
+            )
+        if tokens > limits.max_tokens_per_request:
+            raise TooLarge(
+                f"{tokens} tokens in one request; at most {limits.max_tokens_per_request}: "
+                "send them in several requests (a session keeps the memory between them)"
+            )
+
+    def session_id(self, session_id: str) -> None:
+        if len(session_id) > MAX_SESSION_ID:
+            raise SessionNotFound(f"no session {session_id[:MAX_SESSION_ID]}...")
+
+    def _positions(self, positions: list[int], length: int, index: int) -> None:
+        if not positions:
+            raise InvalidField(["body", "positions", index], "give at least one position")
+        if len(positions) > length:
+            raise InvalidField(
+                ["body", "positions", index], f"{len(positions)} positions for {length} tokens"
+            )
+        for inner, position in enumerate(positions):
+            if not -length <= position < length:
+                raise InvalidField(
+                    ["body", "positions", index, inner],
+                    f"position {position} is outside a sequence of {length} tokens",
+                )
+
+
+def text_tokens(text: str, vocab_size: int) -> list[int]:
+    """UTF-8 bytes as tokens, for byte-level models (vocabulary 256) only."""
+    if vocab_size != 256:
+        raise InvalidField(
+            ["body", "text"],
+            f"this model reads tokens from a vocabulary of {vocab_size}, not text; send 'tokens'",
+        )
+    try:
+        return list(text.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") is valid JSON but not Unicode text
+        raise InvalidField(["body", "text"], "text is not valid Unicode") from None
+
+
+async def _within(seconds: float, work) -> T:
     try:
         return await asyncio.wait_for(work, timeout=seconds)
     except TimeoutError:
@@ -134,13 +337,10 @@ async def _within(seconds: float, work: Awaitable[T]) -> T:
         ) from None
 
 
-def _key_check(api_key: str | None):
+def _key_check(api_key: str):
     header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
 
-    # A default, not an annotation: annotations here are strings that cannot see `header`.
     async def check(given: str | None = Security(header)) -> None:
-        if api_key is None:
-            return
         if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
@@ -162,15 +362,23 @@ def _add_error_handlers(app: FastAPI) -> None:
         assert isinstance(error, RequestValidationError)
         # FastAPI's default echoes the input (and may fail to encode it); the place and the
         # message are what a client needs.
-        return _invalid(
-            [
-                {"loc": [_plain(p) for p in item["loc"]], "msg": item["msg"], "type": item["type"]}
-                for item in error.errors()
-            ]
-        )
+        errors = [
+            {"loc": [_plain(p) for p in item["loc"]], "msg": item["msg"], "type": item["type"]}
+            for item in error.errors()
+        ]
+        if any(_not_json(item) for item in error.errors()):
+            return JSONResponse({"detail": [NOT_JSON]}, status.HTTP_400_BAD_REQUEST)
+        return _invalid(errors)
 
     app.add_exception_handler(ServeError, refused)
     app.add_exception_handler(RequestValidationError, invalid)
+
+
+def _not_json(error: dict[str, Any]) -> bool:
+    """A body that does not parse as JSON: malformed JSON, or raw text sent without a JSON
+    content type (which FastAPI hands on unparsed)."""
+    raw_text = error["loc"] == ("body",) and isinstance(error.get("input"), str | bytes)
+    return error["type"] == "json_invalid" or raw_text
 
 
 def _invalid(errors: list[dict[str, Any]]) -> JSONResponse:

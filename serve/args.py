@@ -34,10 +34,14 @@ class Limits(Strict):
 
 
 class SessionSettings(Strict):
-    """The shared session store: bounded in count and bytes, idle sessions expire.
+    """The shared session store (bounded in count and bytes; idle sessions expire) and the hot
+    copies model replicas keep.
 
-    `lock_wait_s`: how long an append waits for another append to the same session to finish
-    before it is refused with 409 and a retry hint.
+    `lock_wait_s`: how long an update waits for another update of the same session in its replica
+    before it is refused with 409 and a retry hint. `recent_requests`: idempotency keys remembered
+    per session, so a retried append is answered, not applied twice. `affinity`: route a session's
+    requests to the replica that holds its hot copy (Serve's model multiplexing keyed by session);
+    `hot_bytes_per_replica` bounds those copies.
     """
 
     max_sessions: int = Field(default=10_000, ge=1)
@@ -45,9 +49,9 @@ class SessionSettings(Strict):
     max_session_bytes: int = Field(default=64 << 20, ge=1)
     idle_ttl_s: float = Field(default=3600.0, gt=0)
     lock_wait_s: float = Field(default=5.0, ge=0)
-    store_name: str | None = Field(
-        default=None, description="named Ray actor holding the states; default: per application"
-    )
+    recent_requests: int = Field(default=64, ge=0)
+    affinity: bool = True
+    hot_bytes_per_replica: int = Field(default=256 << 20, ge=0)
 
 
 class BatchSettings(Strict):
@@ -60,7 +64,10 @@ class BatchSettings(Strict):
 
 class DeploymentSettings(Strict):
     """Replica options used when no Serve config file overrides them (`serve run`, `memlab
-    serve`); a config file's `deployments:` section takes precedence, as Serve defines."""
+    serve`); a config file's `deployments:` section takes precedence, as Serve defines.
+
+    The replica counts and limits are the model deployment's; the ingress has its own two.
+    """
 
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=2, ge=1)
@@ -69,6 +76,8 @@ class DeploymentSettings(Strict):
     max_queued_requests: int = Field(default=64, ge=-1)
     replica_cpus: float = Field(default=1.0, ge=0)
     torch_threads: int = Field(default=1, ge=1)
+    ingress_replicas: int = Field(default=1, ge=1)
+    ingress_max_ongoing_requests: int = Field(default=256, ge=1)
 
     @model_validator(mode="after")
     def _replicas_ordered(self) -> DeploymentSettings:
@@ -84,14 +93,22 @@ class ServeArgs(Strict):
 
     `model_uri`: any MLflow model URI of a memlab model (`models:/name@alias`, `models:/name/3`,
     `runs:/<run>/model`, `models:/m-<id>`) or a checkpoint folder (experiment.json +
-    training_state.pt). `api_key`: when set (here or in `MEMLAB_API_KEY`), every endpoint but
-    the health check needs it in the `X-API-Key` header (the docs too). memlab never prints or
-    logs it, but Serve logs the args of a config file: there, use the environment variable.
+    training_state.pt).
+
+    The API key: when one is set, every endpoint but `/healthz` (the docs and `/openapi.json`
+    included) needs it in the `X-API-Key` header. It is taken, first found, from `api_key`, from
+    the file `api_key_file` names (read where the application runs: on a cluster, a mounted
+    secret), or from `MEMLAB_API_KEY` in the environment of the process that builds the
+    application or of its ingress replica (`serve deploy` builds it on the cluster: the shell's
+    variables never reach it; give it through `api_key_file` or the config's
+    `runtime_env.env_vars`). Serve logs a config file's args: never write the key itself there.
+    Without a key the application refuses to start on an HTTP host beyond loopback.
     """
 
     model_uri: str = DEFAULT_MODEL_URI
     tracking_uri: str | None = None
     api_key: SecretStr | None = None
+    api_key_file: Path | None = None
     limits: Limits = Field(default_factory=Limits)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
     batching: BatchSettings = Field(default_factory=BatchSettings)
@@ -118,7 +135,30 @@ class ServeArgs(Strict):
 
     @property
     def requires_api_key(self) -> bool:
-        return self.api_key is not None
+        """Whether a key is configured (the file is read only where the application runs)."""
+        return self.api_key is not None or self.api_key_file is not None
+
+    def read_api_key(self) -> str | None:
+        """The key, by the order in the class docstring; a named file that cannot be read is an
+        error, never a silent fall back to no key."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_file is not None:
+            return _read_key_file(self.api_key_file.expanduser())
+        return os.environ.get(API_KEY_ENV, "").strip() or None
+
+
+def _read_key_file(path: Path) -> str:
+    try:
+        key = path.read_text().strip()
+    except OSError as error:
+        raise ValueError(
+            f"api_key_file {path} cannot be read ({error.strerror}): create it (mode 600) or mount "
+            "the secret there"
+        ) from None
+    if not key:
+        raise ValueError(f"api_key_file {path} is empty: write the key into it")
+    return key
 
 
 def _is_path(uri: str) -> bool:

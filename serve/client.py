@@ -6,10 +6,17 @@
         print(client.generate(session.session_id, max_new_tokens=32).text)
 
 A refusal raises `MemlabHTTPError` with the status, the server's `detail` and its `Retry-After`.
+
+Appends and generations carry an `Idempotency-Key` (a fresh one per call, or yours), so the client
+retries them safely: after a 503 or 409 (waiting for `Retry-After`), a 500 or a dropped connection,
+the same key is sent again and the server applies the update at most once. `retries` sets how many
+times (default 1); reads are retried the same way.
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any, TypeVar
 
 import httpx
@@ -17,6 +24,7 @@ from pydantic import BaseModel
 
 from serve.schema import (
     API_KEY_HEADER,
+    IDEMPOTENCY_HEADER,
     AppendRequest,
     AppendResponse,
     GenerateRequest,
@@ -29,6 +37,9 @@ from serve.schema import (
 )
 
 R = TypeVar("R", bound=BaseModel)
+# Answers after which the same request may simply be sent again.
+RETRYABLE = {409, 500, 502, 503, 504}
+MAX_WAIT_S = 5.0
 
 
 class MemlabHTTPError(RuntimeError):
@@ -40,9 +51,12 @@ class MemlabHTTPError(RuntimeError):
 
 
 class MemlabClient:
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str, api_key: str | None = None, timeout: float = 60.0, retries: int = 1
+    ) -> None:
         headers = {API_KEY_HEADER: api_key} if api_key else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.retries = retries
 
     def __enter__(self) -> MemlabClient:
         return self
@@ -54,10 +68,10 @@ class MemlabClient:
         self.http.close()
 
     def health(self) -> Health:
-        return self._call("GET", "/healthz", Health)
+        return self._call("GET", "/healthz", Health, retry=True)
 
     def model_card(self) -> ModelCard:
-        return self._call("GET", "/v1/model", ModelCard)
+        return self._call("GET", "/v1/model", ModelCard, retry=True)
 
     def predict(
         self, sequences: list[list[int]], top_k: int = 5, positions: list[list[int]] | None = None
@@ -74,9 +88,11 @@ class MemlabClient:
         tokens: list[int] | None = None,
         text: str | None = None,
         top_k: int = 5,
+        request_id: str | None = None,
     ) -> AppendResponse:
         body = AppendRequest(tokens=tokens, text=text, top_k=top_k)
-        return self._call("POST", f"/v1/sessions/{session_id}/append", AppendResponse, body)
+        path = f"/v1/sessions/{session_id}/append"
+        return self._call("POST", path, AppendResponse, body, retry=True, request_id=request_id)
 
     def generate(
         self,
@@ -86,6 +102,7 @@ class MemlabClient:
         top_k: int | None = None,
         seed: int | None = None,
         advance: bool = True,
+        request_id: str | None = None,
     ) -> GenerateResponse:
         body = GenerateRequest(
             max_new_tokens=max_new_tokens,
@@ -94,23 +111,55 @@ class MemlabClient:
             seed=seed,
             advance=advance,
         )
-        return self._call("POST", f"/v1/sessions/{session_id}/generate", GenerateResponse, body)
+        path = f"/v1/sessions/{session_id}/generate"
+        return self._call("POST", path, GenerateResponse, body, retry=True, request_id=request_id)
 
     def inspect(self, session_id: str) -> SessionInfo:
-        return self._call("GET", f"/v1/sessions/{session_id}", SessionInfo)
+        return self._call("GET", f"/v1/sessions/{session_id}", SessionInfo, retry=True)
 
     def delete(self, session_id: str) -> None:
         self._send("DELETE", f"/v1/sessions/{session_id}")
 
-    def _call(self, method: str, path: str, answer: type[R], body: BaseModel | None = None) -> R:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        answer: type[R],
+        body: BaseModel | None = None,
+        retry: bool = False,
+        request_id: str | None = None,
+    ) -> R:
         payload = body.model_dump(mode="json", exclude_none=True) if body is not None else None
-        return answer.model_validate(self._send(method, path, payload).json())
+        headers = {}
+        if method == "POST" and retry:
+            headers[IDEMPOTENCY_HEADER] = request_id or uuid.uuid4().hex
+        attempts = 1 + (self.retries if retry else 0)
+        response = self._send(method, path, payload, headers, attempts)
+        return answer.model_validate(response.json())
 
-    def _send(self, method: str, path: str, payload: dict | None = None) -> httpx.Response:
-        response = self.http.request(method, path, json=payload)
-        if response.is_success:
-            return response
-        raise MemlabHTTPError(response.status_code, _detail(response), _retry_after(response))
+    def _send(
+        self,
+        method: str,
+        path: str,
+        payload: dict | None = None,
+        headers: dict[str, str] | None = None,
+        attempts: int = 1,
+    ) -> httpx.Response:
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            try:
+                response = self.http.request(method, path, json=payload, headers=headers)
+            except httpx.TransportError:
+                if last:
+                    raise
+                continue
+            if response.is_success:
+                return response
+            error = MemlabHTTPError(response.status_code, _detail(response), _retry_after(response))
+            if last or response.status_code not in RETRYABLE:
+                raise error
+            time.sleep(min(error.retry_after or 0.1, MAX_WAIT_S))
+        raise AssertionError("unreachable")
 
 
 def _detail(response: httpx.Response) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from memory_models.model import SequenceModel
-from pipelines.checkpoint import is_checkpoint, load_model
+from pipelines.checkpoint import CONFIG_FILE, is_checkpoint, load_model, read_config
 from pipelines.experiment import ExperimentConfig
 from pipelines.train.logged_model import CHECKPOINT_ARTIFACT
 
@@ -71,6 +71,24 @@ def load_served_model(model_uri: str, tracking_uri: str | None) -> ServedModel:
     provenance = _provenance(model_uri, tracking_uri)
     model, config = _download_and_rebuild(provenance, tracking_uri)
     return ServedModel(model.eval(), config, provenance)
+
+
+def load_served_config(model_uri: str, tracking_uri: str | None) -> ExperimentConfig:
+    """The served model's experiment config alone (no weights): what the ingress needs to check
+    requests against the model (its vocabulary, whether it reads text)."""
+    if Path(model_uri).is_dir():
+        return read_config(Path(model_uri))
+    import mlflow
+
+    provenance = _provenance(model_uri, tracking_uri)
+    with tempfile.TemporaryDirectory() as folder:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=provenance.run_id,
+            artifact_path=f"{CHECKPOINT_ARTIFACT}/{CONFIG_FILE}",
+            dst_path=folder,
+            tracking_uri=tracking_uri,
+        )
+        return ExperimentConfig.model_validate_json(Path(path).read_text())
 
 
 def check_model_uri(model_uri: str, tracking_uri: str | None) -> None:

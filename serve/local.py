@@ -7,8 +7,10 @@ the proxy is not listening on.
 
 from __future__ import annotations
 
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import httpx
 from ray import serve
@@ -16,7 +18,6 @@ from ray import serve
 from serve.app import app_for
 from serve.args import ServeArgs
 from serve.loading import check_model_uri
-from serve.store import kill_store, store_name
 
 LOOPBACK = "127.0.0.1"
 
@@ -46,20 +47,20 @@ def start_local(
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": timeout})
     serve.run(app_for(args), name=name, route_prefix=route_prefix, blocking=False)
     url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
-    _wait_healthy(url, timeout_s)
+    _wait_healthy(url, name, timeout_s)
     return url
 
 
-def stop_local(name: str = "memlab", *, store: str | None = None) -> None:
-    """Delete application `name` and its session store (`store`: a custom store name)."""
+def stop_local(name: str = "memlab") -> None:
+    """Delete application `name`; its session store is one of its deployments and goes with it."""
     serve.delete(name)
-    kill_store(store or store_name(name))
 
 
-def _wait_healthy(url: str, timeout_s: float) -> None:
+def _wait_healthy(url: str, name: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
+        _raise_if_failed(name)
         try:
             answer = httpx.get(f"{url}/healthz", timeout=5.0)
             if answer.status_code == 200:
@@ -74,6 +75,13 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
     )
 
 
+def _raise_if_failed(name: str) -> None:
+    """A deployment that failed (its model did not load, it refused to start) fails at once."""
+    application = serve.status().applications.get(name)
+    if application is not None and application.status == "DEPLOY_FAILED":
+        raise ServeStartError(f"application {name!r} failed to deploy: {application.message}")
+
+
 def serve_until_interrupted(
     args: ServeArgs,
     *,
@@ -83,12 +91,28 @@ def serve_until_interrupted(
     on_ready: Callable[[str], None] = print,
 ) -> None:
     """`memlab serve`: the app on the Ray this process uses, `on_ready(url)`, then wait for
-    Ctrl-C and delete the application and its session store."""
+    Ctrl-C or SIGTERM and delete the application (its sessions with it)."""
     try:
-        on_ready(start_local(args, host=host, port=port, name=name))
-        while True:
-            time.sleep(3600)  # Ctrl-C interrupts the sleep
+        with _sigterm_interrupts():
+            on_ready(start_local(args, host=host, port=port, name=name))
+            while True:
+                time.sleep(3600)  # Ctrl-C or SIGTERM interrupts the sleep
     except KeyboardInterrupt:
         pass
     finally:
-        stop_local(name, store=args.sessions.store_name)
+        stop_local(name)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a service manager, `kill`, a script's cleanup) stops like Ctrl-C, so whatever
+    the command started is taken down instead of left running."""
+
+    def interrupt(_signum, _frame) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

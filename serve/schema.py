@@ -1,20 +1,24 @@
 """The HTTP API's request and response bodies (pydantic; FastAPI turns them into /docs).
 
 Requests are strict (`extra="forbid"`): a misspelt field is a 422 that names it, not a silently
-ignored option. Limits that depend on the served model or on `ServeArgs.limits` (vocabulary,
-tokens per request) are checked by the service, which answers 413 or 422 with the field's place.
+ignored option. These are the shapes a client writes; the running application validates against
+subclasses that add its own limits and the model's vocabulary (`serve.api.request_models`), so
+its `/openapi.json` states them.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 API_KEY_HEADER = "X-API-Key"
-Tokens = list[int]
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+# Token ids are integers, not booleans or floats that happen to be whole (`true` is refused).
+Token = StrictInt
+Tokens = list[Token]
 # An empty sequence has nothing to read (and no last position to predict from).
-Sequence = Annotated[list[int], Field(min_length=1)]
+Sequence = Annotated[list[Token], Field(min_length=1)]
 
 
 class Request(BaseModel):
@@ -84,6 +88,11 @@ class SessionInfo(Response):
 
 class AppendRequest(Request):
     """Give `tokens` or `text` (UTF-8 bytes as tokens, for byte-level models), not both."""
+
+    # "tokens xor text" in the schema too, as the validator below enforces it.
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["tokens"]}, {"required": ["text"]}]}
+    )
 
     tokens: Tokens | None = Field(default=None, min_length=1)
     text: str | None = Field(default=None, min_length=1)

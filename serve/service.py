@@ -1,8 +1,11 @@
-"""What each endpoint does, with no HTTP in it: predictions, sessions, generation, the model card.
+"""What a model replica does, with no HTTP in it: predictions, sessions, generation.
 
-A replica owns one `MemlabService`. Model work goes through `run` (the replica's batching queue);
-session state goes to and from the shared store. Every client mistake raises a `ServeError` with
-its status, so the HTTP layer only translates.
+The ingress (`serve.api`) has already checked every request against the limits and the model's
+vocabulary; here the work is done. Model passes go through `run` (the replica's batching queue);
+sessions are kept hot in the replica (`serve.sessions`) and committed to the shared store
+(`serve.store`) before a request is acknowledged. An update commits only on the version it read;
+if another replica committed first, the update is redone on the newer state. A commit may carry the
+request's idempotency key, so a retried request is answered, not applied again.
 """
 
 from __future__ import annotations
@@ -16,49 +19,41 @@ import torch
 from torch import Tensor
 
 from serve import codec
-from serve.args import Limits, SessionSettings
+from serve.args import SessionSettings
 from serve.batching import Step, StepResult
 from serve.errors import (
-    InvalidField,
     ServeError,
+    SessionBusy,
     SessionConflict,
-    SessionNotFound,
     TooLarge,
     Unavailable,
     retry_after,
 )
 from serve.loading import ServedModel, card_config, state_bytes_per_sequence
 from serve.schema import (
-    AppendRequest,
     AppendResponse,
     GenerateRequest,
     GenerateResponse,
     Health,
     ModelCard,
     PositionPrediction,
-    PredictRequest,
-    PredictResponse,
     SequencePrediction,
     SessionInfo,
     TopK,
 )
-from serve.store import Snapshot
+from serve.sessions import HotSession, HotSessions
+from serve.store import Commit, Snapshot
 
 Runner = Callable[[Step], Awaitable[StepResult]]
-# Session ids are uuid4 hex; anything longer is unknown without asking the store.
-MAX_SESSION_ID = 64
+# Attempts of one update that keeps losing to updates from other replicas.
+UPDATE_ATTEMPTS = 3
 
 
 class Store:
-    """The replica's handle on the shared store: calls with the store's refusals unwrapped.
+    """The replica's handle on the store deployment: calls with the store's refusals unwrapped."""
 
-    If the store actor died, the next call gets a new (empty) one from `connect`: sessions are
-    lost then, and say so with 404, but the service keeps working.
-    """
-
-    def __init__(self, connect: Callable[[], Any], model_id: str) -> None:
-        self.connect = connect
-        self.handle = connect()  # ray.actor.ActorHandle of serve.store.SessionStore
+    def __init__(self, handle: Any, model_id: str) -> None:
+        self.handle = handle  # ray.serve.handle.DeploymentHandle of serve.store.SessionStore
         self.model_id = model_id
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -68,9 +63,8 @@ class Store:
             if isinstance(error.cause, ServeError):
                 raise error.cause from None
             raise
-        except ray.exceptions.RayActorError as error:
-            self.handle = self.connect()
-            raise Unavailable("the session store was restarted; retry", retry_after(1)) from error
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
+            raise Unavailable("the session store is restarting; retry", retry_after(1)) from error
 
 
 class MemlabService:
@@ -78,35 +72,28 @@ class MemlabService:
         self,
         served: ServedModel,
         store: Store,
-        limits: Limits,
         sessions: SessionSettings,
         run: Runner,
         replica: str = "local",
     ) -> None:
         self.served = served
         self.store = store
-        self.limits = limits
-        self.sessions = sessions
+        self.settings = sessions
         self.run = run
         self.replica = replica
         self.template = codec.empty(served.model)
+        self.hot = HotSessions(sessions.hot_bytes_per_replica, sessions.lock_wait_s)
 
-    async def predict(self, request: PredictRequest) -> PredictResponse:
-        self._check_size(len(request.sequences), sum(len(s) for s in request.sequences))
-        top_k = self._top_k(request.top_k)
-        for index, sequence in enumerate(request.sequences):
-            self._check_tokens(sequence, ["body", "sequences", index])
-        positions = request.positions or [[-1] for _ in request.sequences]
-        for index, (wanted, sequence) in enumerate(zip(positions, request.sequences, strict=True)):
-            self._check_positions(wanted, len(sequence), index)
-        steps = [Step(torch.tensor(s), self.template.state) for s in request.sequences]
+    async def predict(
+        self, sequences: list[list[int]], positions: list[list[int]], top_k: int
+    ) -> list[SequencePrediction]:
+        """Each sequence read from empty memory; predictions at `positions` (resolved)."""
+        steps = [Step(torch.tensor(s), self.template.state) for s in sequences]
         results = await asyncio.gather(*(self.run(step) for step in steps))
-        return PredictResponse(
-            results=[
-                SequencePrediction(predictions=_at_positions(result.logits, wanted, top_k))
-                for result, wanted in zip(results, positions, strict=True)
-            ]
-        )
+        return [
+            SequencePrediction(predictions=_at_positions(result.logits, wanted, top_k))
+            for result, wanted in zip(results, positions, strict=True)
+        ]
 
     async def create_session(self) -> SessionInfo:
         blob = codec.encode(self.template)
@@ -114,46 +101,97 @@ class MemlabService:
         return self._info(snapshot)
 
     async def inspect(self, session_id: str) -> SessionInfo:
-        self._check_id(session_id)
         return self._info(await self.store.call("peek", session_id, self.store.model_id))
 
     async def delete(self, session_id: str) -> None:
-        self._check_id(session_id)
+        self.hot.drop(session_id)
         await self.store.call("delete", session_id)
 
-    async def append(self, session_id: str, request: AppendRequest) -> AppendResponse:
-        tokens = self._request_tokens(request)
-        top_k = self._top_k(request.top_k)
-        self._check_id(session_id)
-        async with self._leased(session_id) as lease:
-            memory = codec.decode(lease.snapshot.blob, self.served.model)
+    async def append(
+        self, session_id: str, tokens: list[int], top_k: int, request_id: str | None
+    ) -> AppendResponse:
+        async def step(memory: codec.SessionMemory):
             result = await self.run(Step(torch.tensor(tokens), memory.state))
             updated = codec.SessionMemory(
                 result.state, result.logits[-1], memory.tokens_seen + len(tokens)
             )
-            await lease.commit(updated)
-        return AppendResponse(
-            session_id=session_id,
-            appended=len(tokens),
-            tokens_seen=updated.tokens_seen,
-            answers=result.logits.argmax(-1).tolist(),
-            next=_top(result.logits[-1], top_k),
-            state_bytes=updated.state.nbytes(),
+            answer = AppendResponse(
+                session_id=session_id,
+                appended=len(tokens),
+                tokens_seen=updated.tokens_seen,
+                answers=result.logits.argmax(-1).tolist(),
+                next=_top(result.logits[-1], top_k),
+                state_bytes=updated.state.nbytes(),
+            )
+            return updated, answer
+
+        return await self._update(session_id, request_id, step, AppendResponse)
+
+    async def generate(
+        self, session_id: str, request: GenerateRequest, request_id: str | None
+    ) -> GenerateResponse:
+        async def step(memory: codec.SessionMemory):
+            tokens, updated = await self._continue(memory, request)
+            seen = updated.tokens_seen if request.advance else memory.tokens_seen
+            return updated, self._generated(session_id, tokens, seen)
+
+        if request.advance:
+            return await self._update(session_id, request_id, step, GenerateResponse)
+        copy = await self.hot.loaded(session_id, self._load)
+        _, answer = await step(await self._current(copy))
+        return answer
+
+    async def _update(self, session_id: str, request_id: str | None, step, answer_type):
+        """Run `step` on the session's current memory and commit its result on that version;
+        redo it on the newer state when another replica committed first."""
+        async with self.hot.locked(session_id, self._load) as copy:
+            for _ in range(UPDATE_ATTEMPTS):
+                updated, answer = await step(copy.memory)
+                commit = await self._commit(copy, updated, request_id, answer)
+                if commit.replayed is not None:
+                    copy.forget()  # this copy may predate the replayed update: reload next time
+                    return answer_type.model_validate_json(commit.replayed)
+                if commit.current is None:
+                    copy.keep(updated, commit.version)
+                    return answer
+                copy.keep(*self._decoded(commit.current))
+        raise SessionBusy("the session kept changing under this update; retry", retry_after(0))
+
+    async def _commit(
+        self, copy: HotSession, memory: codec.SessionMemory, request_id: str | None, answer
+    ) -> Commit:
+        if memory.state.nbytes() > self.settings.max_session_bytes:
+            raise TooLarge(
+                f"the session's state would grow to {memory.state.nbytes():,} bytes, over the "
+                f"limit of {self.settings.max_session_bytes:,}; start a new session"
+            )
+        return await self.store.call(
+            "commit",
+            copy.session_id,
+            self.store.model_id,
+            copy.version,
+            codec.encode(memory),
+            _meta(memory),
+            request_id,
+            answer.model_dump_json().encode(),
         )
 
-    async def generate(self, session_id: str, request: GenerateRequest) -> GenerateResponse:
-        self._check_generate(request)
-        self._check_id(session_id)
-        if not request.advance:
-            snapshot = await self.store.call("read", session_id, self.store.model_id)
-            memory = codec.decode(snapshot.blob, self.served.model)
-            tokens, _ = await self._continue(memory, request)
-            return self._generated(session_id, tokens, memory.tokens_seen)
-        async with self._leased(session_id) as lease:
-            memory = codec.decode(lease.snapshot.blob, self.served.model)
-            tokens, updated = await self._continue(memory, request)
-            await lease.commit(updated)
-        return self._generated(session_id, tokens, updated.tokens_seen)
+    async def _load(self, session_id: str) -> tuple[codec.SessionMemory, int]:
+        return self._decoded(await self.store.call("read", session_id, self.store.model_id))
+
+    def _decoded(self, snapshot: Snapshot) -> tuple[codec.SessionMemory, int]:
+        return codec.decode(snapshot.blob, self.served.model), snapshot.version
+
+    async def _current(self, copy: HotSession) -> codec.SessionMemory:
+        """The memory a read-only request works on: the hot copy's, once the store confirms its
+        version (another replica may have committed since), else the store's newer one."""
+        memory, version = copy.memory, copy.version
+        current = await self.store.call("peek", copy.session_id, self.store.model_id)
+        if current.version != version:
+            memory, version = await self._load(copy.session_id)
+            if version > copy.version:
+                copy.keep(memory, version)
+        return memory
 
     def _generated(self, session_id: str, tokens: list[int], seen: int) -> GenerateResponse:
         text = bytes(tokens).decode("utf-8", errors="replace") if self.served.reads_bytes else None
@@ -203,131 +241,13 @@ class MemlabService:
         uri = self.served.provenance.model_uri
         return Health(status=status, model_uri=uri, replica=self.replica, sessions=sessions)
 
-    def _check_size(self, sequences: int, tokens: int) -> None:
-        limits = self.limits
-        if sequences > limits.max_sequences_per_request:
-            raise TooLarge(
-                f"{sequences} sequences in one request; at most {limits.max_sequences_per_request}"
-            )
-        if tokens > limits.max_tokens_per_request:
-            raise TooLarge(
-                f"{tokens} tokens in one request; at most {limits.max_tokens_per_request}: "
-                "send them in several requests (a session keeps the memory between them)"
-            )
-
-    def _check_tokens(self, tokens: list[int], loc: list[str | int]) -> None:
-        vocab = self.served.vocab_size
-        for index, token in enumerate(tokens):
-            if not 0 <= token < vocab:
-                raise InvalidField(
-                    [*loc, index], f"token {token} is outside the vocabulary [0, {vocab})"
-                )
-
-    def _check_positions(self, positions: list[int], length: int, index: int) -> None:
-        if not positions:
-            raise InvalidField(["body", "positions", index], "give at least one position")
-        if len(positions) > length:
-            raise InvalidField(
-                ["body", "positions", index], f"{len(positions)} positions for {length} tokens"
-            )
-        for inner, position in enumerate(positions):
-            if not -length <= position < length:
-                raise InvalidField(
-                    ["body", "positions", index, inner],
-                    f"position {position} is outside a sequence of {length} tokens",
-                )
-
-    def _top_k(self, asked: int) -> int:
-        """`top_k` within the limit, and no more than the vocabulary has."""
-        if asked > self.limits.max_top_k:
-            raise InvalidField(["body", "top_k"], f"top_k={asked} exceeds {self.limits.max_top_k}")
-        return min(asked, self.served.vocab_size)
-
-    def _check_generate(self, request: GenerateRequest) -> None:
-        if request.max_new_tokens > self.limits.max_new_tokens:
-            raise InvalidField(
-                ["body", "max_new_tokens"],
-                f"max_new_tokens={request.max_new_tokens} exceeds {self.limits.max_new_tokens}",
-            )
-        if request.top_k is not None:
-            self._top_k(request.top_k)
-
-    def _request_tokens(self, request: AppendRequest) -> list[int]:
-        if request.text is not None:
-            tokens = text_tokens(request.text, self.served.vocab_size)
-            self._check_size(1, len(tokens))
-            return tokens
-        assert request.tokens is not None  # the schema asks for exactly one of the two
-        self._check_size(1, len(request.tokens))
-        self._check_tokens(request.tokens, ["body", "tokens"])
-        return request.tokens
-
-    def _check_id(self, session_id: str) -> None:
-        if len(session_id) > MAX_SESSION_ID:
-            raise SessionNotFound(f"no session {session_id[:MAX_SESSION_ID]}...")
-
     def _info(self, snapshot: Snapshot) -> SessionInfo:
         return SessionInfo(
             session_id=snapshot.session_id,
-            idle_ttl_s=self.sessions.idle_ttl_s,
+            idle_ttl_s=self.settings.idle_ttl_s,
             version=snapshot.version,
             **snapshot.meta,
         )
-
-    def _leased(self, session_id: str) -> _Lease:
-        return _Lease(self, session_id)
-
-
-class _Lease:
-    """`async with`: the session's lease for one update; released if the update never commits."""
-
-    def __init__(self, service: MemlabService, session_id: str) -> None:
-        self.service = service
-        self.session_id = session_id
-        self.snapshot: Snapshot
-        self.committed = False
-
-    async def __aenter__(self) -> _Lease:
-        settings, limits = self.service.sessions, self.service.limits
-        # A lease outlives the request's own deadline a little, never much more.
-        lease_s = limits.request_timeout_s + 1.0
-        store = self.service.store
-        self.snapshot = await store.call(
-            "lease", self.session_id, store.model_id, lease_s, settings.lock_wait_s
-        )
-        return self
-
-    async def commit(self, memory: codec.SessionMemory) -> None:
-        if memory.state.nbytes() > self.service.sessions.max_session_bytes:
-            raise TooLarge(
-                f"the session's state would grow to {memory.state.nbytes():,} bytes, over the "
-                f"limit of {self.service.sessions.max_session_bytes:,}; start a new session"
-            )
-        blob = codec.encode(memory)
-        await self.service.store.call(
-            "commit", self.session_id, self.snapshot.lease, blob, _meta(memory)
-        )
-        self.committed = True
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if not self.committed:
-            # Shielded: a cancelled request (timeout, client gone) still gives the lease back.
-            await asyncio.shield(
-                self.service.store.call("release", self.session_id, self.snapshot.lease)
-            )
-
-
-def text_tokens(text: str, vocab_size: int) -> list[int]:
-    """UTF-8 bytes as tokens, for byte-level models (vocabulary 256) only."""
-    if vocab_size != 256:
-        raise InvalidField(
-            ["body", "text"],
-            f"this model reads tokens from a vocabulary of {vocab_size}, not text; send 'tokens'",
-        )
-    try:
-        return list(text.encode("utf-8"))
-    except UnicodeEncodeError:  # a lone surrogate ("\ud800") is valid JSON but not Unicode text
-        raise InvalidField(["body", "text"], "text is not valid Unicode") from None
 
 
 def _meta(memory: codec.SessionMemory) -> dict[str, Any]:
@@ -350,8 +270,7 @@ def _at_positions(logits: Tensor, positions: list[int], k: int) -> list[Position
     length = logits.shape[0]
     out = []
     for position in positions:
-        row = logits[position]
-        top = _top(row, k)
+        top = _top(logits[position], k)
         out.append(PositionPrediction(position=position % length, answer=top.tokens[0], top=top))
     return out
 

@@ -1,23 +1,33 @@
-"""The session store every replica shares: a named, detached Ray actor holding encoded states.
+"""The session store: the durable copy of every session, in a deployment of its own.
 
-Sessions must outlive replicas (autoscaling removes them, a crash restarts them), so no replica
-keeps one: each request takes the state from here and gives the new one back. The actor owns the
-bytes, so a replica that dies mid-request loses nothing but its own unfinished update.
+Sessions outlive model replicas (autoscaling adds and removes them, a crash restarts one), so the
+authoritative state of a session lives here, and every update is written here before it is
+acknowledged (write-through). Model replicas keep hot copies (`serve.sessions`) and prove them
+current by the version they carry.
+
+Scoped to the application: the store is a deployment of the same application, so `serve delete`,
+`serve shutdown`, the end of `serve run` and Ctrl-C or SIGTERM on `memlab serve` end it with every
+session in it, and a redeployment with other arguments (another model, another key: a new
+`generation`) starts an empty one; sessions never pass from one deployment to the next. A store
+replica that crashes is restarted empty: its sessions then answer 404.
 
 Bounded: at most `max_sessions` sessions and `max_total_bytes` of state; the least recently used
 session goes first, and a session idle for `idle_ttl_s` expires. An evicted or expired session
 answers 410 (for a while; the record of gone ids is bounded too), an unknown one 404.
 
-One update at a time per session: an update first takes a lease, which a second update waits for
-(up to `lock_wait_s`, then 409 with a retry hint). The lease ends with the commit, with a release,
-or on its own after `lease_s`, so a replica that died holding it blocks nobody for long; its late
-commit, if any, is refused.
+Consistency without locks: an update is computed on a version of the session and committed only if
+the session is still at that version; otherwise the store answers with the current snapshot and
+the caller redoes its work on it. Nothing is held between calls, so a replica that dies in the
+middle of a request blocks nobody.
+
+Safe retries: a commit may carry the request's idempotency key. The store remembers the last
+`recent_requests` keys of each session with the response acknowledged for them; a retried request
+(same key) gets that response back and changes nothing, so a client that saw an error (its replica
+died after the commit) may retry without applying its tokens twice.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 import uuid
 from collections import OrderedDict
@@ -25,11 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import ray
+from ray import serve
 
-from serve.errors import SessionBusy, SessionGone, SessionNotFound, Unavailable, retry_after
+from serve.errors import SessionGone, SessionNotFound, Unavailable, retry_after
 
-NAMESPACE = "memlab"
 # How many ids of gone sessions are remembered, to answer 410 rather than 404.
 GONE_MEMORY = 10_000
 
@@ -39,6 +48,7 @@ class StoreLimits:
     max_sessions: int
     max_total_bytes: int
     idle_ttl_s: float
+    recent_requests: int = 64
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,16 @@ class Snapshot:
     blob: bytes
     meta: dict[str, Any]
     version: int
-    lease: str | None = None
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What a commit did: stored as `version`; or `replayed`, the response already acknowledged
+    for this idempotency key (nothing changed); or `current`, the newer snapshot it lost to."""
+
+    version: int
+    replayed: bytes | None = None
+    current: Snapshot | None = None
 
 
 @dataclass
@@ -59,13 +78,15 @@ class _Entry:
     model_id: str
     last_used: float
     version: int = 0
-    lease: str | None = None
-    lease_until: float = 0.0
+    recent: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
+
+    def snapshot(self, session_id: str) -> Snapshot:
+        return Snapshot(session_id, self.blob, self.meta, self.version)
 
 
 @dataclass
 class SessionTable:
-    """The store's bookkeeping, with no Ray in it: LRU order, expiry, leases, gone ids.
+    """The store's bookkeeping, with no Ray in it: LRU order, expiry, versions, gone ids.
 
     `clock` is injectable so expiry can be tested without sleeping.
     """
@@ -92,56 +113,43 @@ class SessionTable:
         return Snapshot(session_id, blob, meta, 0)
 
     def read(self, session_id: str, model_id: str) -> Snapshot:
-        entry = self._touch(session_id, model_id)
-        return Snapshot(session_id, entry.blob, entry.meta, entry.version)
+        return self._touch(session_id, model_id).snapshot(session_id)
 
     def peek(self, session_id: str, model_id: str) -> Snapshot:
-        """Like `read` without the bytes of the state (inspecting a session)."""
+        """Like `read` without the bytes of the state (inspecting a session, checking its
+        version)."""
         return replace(self.read(session_id, model_id), blob=b"")
 
-    def try_lease(self, session_id: str, model_id: str, lease_s: float) -> Snapshot:
-        """The session with a fresh lease on it; `SessionBusy` while another lease is live."""
+    def commit(
+        self,
+        session_id: str,
+        model_id: str,
+        expected_version: int,
+        blob: bytes,
+        meta: dict[str, Any],
+        request_id: str | None = None,
+        response: bytes = b"",
+    ) -> Commit:
+        """Store the new state if the session is still at `expected_version`."""
         entry = self._touch(session_id, model_id)
-        now = self.clock()
-        if entry.lease is not None and entry.lease_until > now:
-            raise SessionBusy(
-                "another update to this session is running; retry",
-                retry_after(entry.lease_until - now),
-            )
-        entry.lease, entry.lease_until = uuid.uuid4().hex, now + lease_s
-        return Snapshot(session_id, entry.blob, entry.meta, entry.version, entry.lease)
-
-    def commit(self, session_id: str, lease: str, blob: bytes, meta: dict[str, Any]) -> int:
-        """Store the new state under `lease` and end it; returns the new version."""
-        entry = self._entries.get(session_id)
-        if entry is None:
-            raise self._missing(session_id)
-        if entry.lease != lease:
-            raise SessionBusy(
-                "the session changed while this update ran (its lease ran out); retry",
-                retry_after(0),
-            )
+        if request_id is not None and request_id in entry.recent:
+            return Commit(entry.version, replayed=entry.recent[request_id])
+        if entry.version != expected_version:
+            return Commit(entry.version, current=entry.snapshot(session_id))
         self._make_room(0, len(blob) - len(entry.blob), keep=session_id)
         self._bytes += len(blob) - len(entry.blob)
         entry.blob, entry.meta, entry.version = blob, meta, entry.version + 1
-        entry.lease, entry.last_used = None, self.clock()
-        self._entries.move_to_end(session_id)
-        return entry.version
-
-    def release(self, session_id: str, lease: str) -> None:
-        entry = self._entries.get(session_id)
-        if entry is not None and entry.lease == lease:
-            entry.lease = None
+        if request_id is not None:
+            entry.recent[request_id] = response
+            while len(entry.recent) > self.limits.recent_requests:
+                entry.recent.popitem(last=False)
+        return Commit(entry.version)
 
     def delete(self, session_id: str) -> None:
         entry = self._entries.pop(session_id, None)
         if entry is None:
             raise self._missing(session_id)
         self._bytes -= len(entry.blob)
-
-    def lease_left(self, session_id: str) -> float:
-        entry = self._entries.get(session_id)
-        return max(0.0, entry.lease_until - self.clock()) if entry and entry.lease else 0.0
 
     def _touch(self, session_id: str, model_id: str) -> _Entry:
         self._expire()
@@ -166,23 +174,21 @@ class SessionTable:
             self._drop(session_id, f"expired after {self.limits.idle_ttl_s:g} s without use")
 
     def _make_room(self, sessions: int, nbytes: int, keep: str | None) -> None:
-        """Evict least recently used sessions (not leased, not `keep`) until `sessions` more
-        sessions and `nbytes` more bytes fit; `Unavailable`, evicting nothing, if they cannot."""
+        """Evict least recently used sessions (not `keep`) until `sessions` more sessions and
+        `nbytes` more bytes fit; `Unavailable`, evicting nothing, if they cannot."""
         limits = self.limits
         count, total = len(self._entries) + sessions, self._bytes + nbytes
         victims: list[str] = []
-        now = self.clock()
         candidates = iter(self._entries.items())  # least recently used first
         while count > limits.max_sessions or total > limits.max_total_bytes:
             session_id, entry = next(candidates, (None, None))
             if entry is None:
                 raise Unavailable(
                     f"no room in the session store ({limits.max_sessions} sessions, "
-                    f"{limits.max_total_bytes:,} bytes at most; sessions being updated are not "
-                    "evicted); retry later",
+                    f"{limits.max_total_bytes:,} bytes at most); retry later",
                     retry_after(1),
                 )
-            if session_id != keep and (entry.lease is None or entry.lease_until <= now):
+            if session_id != keep:
                 victims.append(session_id)
                 count, total = count - 1, total - len(entry.blob)
         for session_id in victims:
@@ -202,22 +208,19 @@ class SessionTable:
         return SessionNotFound(f"no session {session_id}")
 
 
+@serve.deployment(
+    name="MemlabSessions",
+    num_replicas=1,  # one authoritative copy; model replicas scale, the store does not
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1000,  # every call is a dictionary operation: never make one queue
+)
 class SessionStore:
-    """The actor around a `SessionTable`: async, so an update waiting for a lease blocks no one.
+    """The deployment around a `SessionTable`. `generation` identifies the deployment's arguments:
+    when they change, Serve replaces this replica, and the sessions go with it."""
 
-    Created by the first replica that needs it (`session_store`), `num_cpus=0`, detached: it lives
-    until `stop_local` (or `ray.kill`) ends it, independent of any replica.
-    """
-
-    def __init__(self, limits: StoreLimits) -> None:
+    def __init__(self, limits: StoreLimits, generation: str) -> None:
         self.table = SessionTable(limits)
-        self._changed: asyncio.Condition | None = None
-
-    def _condition(self) -> asyncio.Condition:
-        # Made lazily: it must belong to the actor's event loop, which __init__ does not run on.
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        return self._changed
+        self.generation = generation
 
     async def create(self, blob: bytes, meta: dict[str, Any], model_id: str) -> Snapshot:
         return self.table.create(blob, meta, model_id)
@@ -228,73 +231,11 @@ class SessionStore:
     async def peek(self, session_id: str, model_id: str) -> Snapshot:
         return self.table.peek(session_id, model_id)
 
-    async def lease(
-        self, session_id: str, model_id: str, lease_s: float, wait_s: float
-    ) -> Snapshot:
-        """Wait up to `wait_s` for the session's lease; updates run one after another."""
-        deadline = time.monotonic() + wait_s
-        changed = self._condition()
-        while True:
-            try:
-                return self.table.try_lease(session_id, model_id, lease_s)
-            except SessionBusy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise
-            # Woken by a commit or release, or when the lease would run out on its own.
-            wake = min(left, self.table.lease_left(session_id)) + 0.001
-            async with changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), timeout=wake)
-
-    async def commit(self, session_id: str, lease: str, blob: bytes, meta: dict[str, Any]) -> int:
-        try:
-            return self.table.commit(session_id, lease, blob, meta)
-        finally:
-            await self._notify()
-
-    async def release(self, session_id: str, lease: str) -> None:
-        self.table.release(session_id, lease)
-        await self._notify()
+    async def commit(self, session_id: str, model_id: str, *args: Any) -> Commit:
+        return self.table.commit(session_id, model_id, *args)
 
     async def delete(self, session_id: str) -> None:
         self.table.delete(session_id)
-        await self._notify()
 
     async def count(self) -> int:
         return len(self.table)
-
-    async def _notify(self) -> None:
-        changed = self._condition()
-        async with changed:
-            changed.notify_all()
-
-
-def store_name(app_name: str) -> str:
-    return f"memlab-sessions-{app_name}"
-
-
-def session_store(name: str, limits: StoreLimits) -> ray.actor.ActorHandle:
-    """The named store, created on first use. The first creator's limits hold until it ends."""
-    return (
-        ray.remote(SessionStore)
-        .options(
-            name=name,
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            max_restarts=0,
-        )
-        .remote(limits)
-    )
-
-
-def kill_store(name: str) -> bool:
-    """End the named store and every session in it; False if there was none."""
-    try:
-        handle = ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        return False
-    ray.kill(handle, no_restart=True)
-    return True

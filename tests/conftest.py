@@ -27,6 +27,7 @@ def ray_local():
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(
+            address="local",  # the tests' own cluster, whatever else runs on this machine
             num_cpus=4,
             object_store_memory=256 * 1024**2,
             include_dashboard=True,

@@ -285,8 +285,18 @@ def test_the_rayservice_serves_the_serve_config_application():
     (reference,) = yaml.safe_load(config.read_text())["applications"]
     mine = app_ | {"args": {k: v for k, v in app_["args"].items() if k != "tracking_uri"}}
     assert mine == reference, "rayservice.yaml's application drifted from serve-config.yaml"
-    env = {e["name"]: e for e in _env_entries(service)}
-    assert env["MEMLAB_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "memlab-serve"
+    # The key: the secret memlab-serve mounted where the application's api_key_file points.
+    assert app_["args"]["api_key_file"] == "~/.memlab/api_key"
+    cluster = service["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for pod in pods:
+        spec = pod["template"]["spec"]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "api-key"]
+        assert volume["secret"]["secretName"] == "memlab-serve"
+        assert volume["secret"]["items"] == [{"key": "api-key", "path": "api_key"}]
+        for container in spec["containers"]:
+            mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+            assert mounts["api-key"] == "/home/ray/.memlab"
 
 
 # ---- a real head with token authentication ----
@@ -294,9 +304,10 @@ def test_the_rayservice_serves_the_serve_config_application():
 
 @dataclass(frozen=True)
 class Head:
-    address: str
+    address: str  # the dashboard: the Jobs API and `serve deploy`
     token_path: Path
     token: str
+    gcs: str  # what a driver joins (`ray.init(address=...)`, `--ray-address`)
 
     def env(self, **extra: str | None) -> dict[str, str | None]:
         """The environment a memlab client needs: the token's file, no other token source, and
@@ -338,22 +349,23 @@ def _start_head(root: Path, token_path: Path) -> tuple[subprocess.Popen, Head]:
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     for attempt in (1, 2):
-        dashboard, log = _free_port(), root / f"head-{attempt}.log"
+        dashboard, gcs, log = _free_port(), _free_port(), root / f"head-{attempt}.log"
         with log.open("w") as out:
             process = subprocess.Popen(
-                _head_command(root, dashboard), env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                _head_command(root, dashboard, gcs), env=env, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        head = Head(f"http://127.0.0.1:{dashboard}", token_path, token_path.read_text())
+        address = f"http://127.0.0.1:{dashboard}"
+        head = Head(address, token_path, token_path.read_text(), f"127.0.0.1:{gcs}")
         if _came_up(head, process):
             return process, head
         _stop_group(process, grace_s=5)
     pytest.fail(f"the head did not come up twice:\n{log.read_text()[-3000:]}")
 
 
-def _head_command(root: Path, dashboard: int) -> list[str]:
+def _head_command(root: Path, dashboard: int, gcs: int) -> list[str]:
     ports = {
-        "--port": _free_port(),
+        "--port": gcs,
         "--dashboard-port": dashboard,
         "--ray-client-server-port": _free_port(),
         "--dashboard-agent-listen-port": _free_port(),
@@ -541,3 +553,120 @@ def _the_run(tracking_uri: str, name: str):
         [experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'"
     )
     return run
+
+
+def _ray_cli_env(head: Head, **extra: str) -> dict[str, str]:
+    """What Ray's own CLI (`ray job`, `serve`) needs for a head with token authentication."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    return env | {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(head.token_path),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **extra,
+    }
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_memlab_train_joins_a_running_head_instead_of_failing(ray_head, tmp_path):
+    """With a head running, `memlab train` joins it (one line says so) and trains there."""
+    env = _ray_cli_env(ray_head, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    args = ["--recipe", "debug-gru", "--name", "joined", *TINY, *_outputs(tmp_path)]
+    command = [sys.executable, "-m", "pipelines.cli", "train", "--ray-address", ray_head.gcs]
+    done = subprocess.run(
+        [*command, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=280
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert f"joined the Ray cluster at {ray_head.gcs}" in _flat(output)
+    assert "Traceback" not in output and "num_cpus" not in output
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_plain_ray_job_is_refused_when_its_results_would_vanish(ray_head, tmp_path):
+    """`ray job submit --working-dir .` runs in a copy deleted at `ray stop`: the default store
+    and checkpoints there are refused with the fix, not written and lost."""
+    env = _ray_cli_env(ray_head, RAY_ADDRESS=ray_head.address)
+    entrypoint = "python -m pipelines.cli train --recipe debug-gru"
+    submit = [
+        str(VENV_BIN / "ray"), "job", "submit", "--working-dir", str(ROOT),
+        "--submission-id", "memlab-test-vanish", "--", *entrypoint.split(),
+    ]  # fmt: skip
+    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=280)
+    output = _flat(done.stdout + done.stderr)
+    assert done.returncode != 0, output[-3000:]
+    assert "deleted at `ray stop`" in output and "MLFLOW_TRACKING_URI" in output
+    assert "Traceback" not in output.split("memlab-test-vanish", 1)[-1]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_serve_deploy_takes_the_key_from_a_file_and_refuses_an_open_port_without_one(
+    ray_head, tmp_path
+):
+    """Serve's own CLI: the config names a key file on the cluster; without a key, a proxy beyond
+    loopback makes the application refuse to start."""
+    import torch
+
+    from pipelines.checkpoint import Position, save_checkpoint
+    from pipelines.recipes import debug
+
+    config = debug("gru")
+    model = config.model.build()
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    save_checkpoint(tmp_path / "model", model, optimizer, scheduler, Position(), config)
+    key_file = tmp_path / "api_key"
+    key_file.write_text(secrets.token_hex(16))
+    key_file.chmod(0o600)
+    port = _free_port()
+    env = _ray_cli_env(ray_head)
+    serve_cli = [str(VENV_BIN / "serve")]
+
+    def deploy(args: dict) -> None:
+        document = yaml.safe_load((CLUSTER / "serve-config.yaml").read_text())
+        document["http_options"] |= {"host": "0.0.0.0", "port": port}  # an open port
+        (application,) = document["applications"]
+        application["args"] = {"model_uri": str(tmp_path / "model"), **args}
+        application["deployments"][0]["autoscaling_config"] |= {"max_replicas": 1}
+        application["deployments"][0]["ray_actor_options"] = {"num_cpus": 0.5}
+        path = tmp_path / "serve.yaml"
+        path.write_text(yaml.safe_dump(document))
+        command = [*serve_cli, "deploy", str(path), "--address", ray_head.address]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    try:
+        deploy({})
+        message = _wait_for_app(serve_cli, env, ray_head, {"DEPLOY_FAILED"})
+        assert "refusing to serve on '0.0.0.0' without an API key" in message
+
+        deploy({"api_key_file": str(key_file)})
+        _wait_for_app(serve_cli, env, ray_head, {"RUNNING"})
+        url = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{url}/v1/model", timeout=10).status_code == 401
+        assert requests.get(f"{url}/openapi.json", timeout=10).status_code == 401
+        keyed = {"X-API-Key": key_file.read_text()}
+        assert requests.get(f"{url}/v1/model", headers=keyed, timeout=10).status_code == 200
+    finally:
+        subprocess.run(
+            [*serve_cli, "shutdown", "--yes", "--address", ray_head.address],
+            env=env, capture_output=True, timeout=120,
+        )  # fmt: skip
+
+
+def _wait_for_app(serve_cli, env, head: Head, wanted: set[str], timeout_s: float = 240) -> str:
+    """Poll `serve status` until the application reaches one of `wanted`; its status report,
+    its deployments' messages included."""
+    deadline = time.monotonic() + timeout_s
+    status: dict = {}
+    while time.monotonic() < deadline:
+        command = [*serve_cli, "status", "--address", head.address]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        with contextlib.suppress(yaml.YAMLError, TypeError, KeyError):
+            status = yaml.safe_load(done.stdout)["applications"]["memlab"]
+            if status["status"] in wanted:
+                return _flat(yaml.safe_dump(status, width=10_000))
+        time.sleep(2)
+    pytest.fail(f"the application never reached {wanted}: {status}")

@@ -7,8 +7,10 @@ with the model the server's loader rebuilds, so an HTTP answer is checked agains
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,12 +30,12 @@ from memory_models.registry import REGISTRY, memory_config
 from pipelines.experiment import apply_overrides
 from pipelines.recipes import debug
 from serve import codec
+from serve.api import text_tokens
 from serve.app import build_app
 from serve.args import API_KEY_ENV, ServeArgs
 from serve.batching import Step, run_steps
 from serve.client import MemlabClient, MemlabHTTPError
-from serve.errors import InvalidField, SessionBusy, SessionGone, SessionNotFound, Unavailable
-from serve.service import text_tokens
+from serve.errors import InvalidField, SessionGone, SessionNotFound, Unavailable
 from serve.store import SessionTable, StoreLimits
 
 # Tests without Ray take seconds; those on Ray carry their own, longer limits.
@@ -61,9 +63,12 @@ def test_serve_config_file_is_valid_for_rays_schema():
     assert application.import_path == "serve.app:build_app"
     args = ServeArgs.model_validate(application.args)
     assert args.model_uri.endswith("@champion")
-    (deployment,) = application.deployments
-    assert deployment.autoscaling_config["max_replicas"] >= 1
-    assert deployment.max_ongoing_requests > 0 and deployment.max_queued_requests > 0
+    assert args.api_key_file is not None and args.api_key is None  # a file, never the key itself
+    deployments = {deployment.name: deployment for deployment in application.deployments}
+    assert set(deployments) == {"MemlabModel", "MemlabIngress"}  # names serve.app defines
+    model = deployments["MemlabModel"]
+    assert model.autoscaling_config["max_replicas"] >= 1
+    assert model.max_ongoing_requests > 0 and model.max_queued_requests > 0
     # The model is rebuilt from its own stored config: no hyperparameter is restated here.
     text = yaml.safe_dump(application.args)
     for field in ("d_model", "n_layers", "memory_size", "vocab_size", "kind"):
@@ -115,9 +120,10 @@ class Clock:
         return self.now
 
 
-def test_session_table_bounds_expiry_and_leases():
+def test_session_table_bounds_expiry_versions_and_retries():
     clock = Clock()
-    table = SessionTable(StoreLimits(max_sessions=2, max_total_bytes=100, idle_ttl_s=10), clock)
+    limits = StoreLimits(max_sessions=2, max_total_bytes=100, idle_ttl_s=10, recent_requests=2)
+    table = SessionTable(limits, clock)
     first = table.create(b"a" * 10, {}, "m").session_id
     second = table.create(b"b" * 10, {}, "m").session_id
     table.read(first, "m")  # first is now the most recently used
@@ -129,19 +135,18 @@ def test_session_table_bounds_expiry_and_leases():
     with pytest.raises(SessionGone, match="another model"):
         table.read(first, "other-model")
 
-    lease = table.try_lease(first, "m", lease_s=5).lease
-    with pytest.raises(SessionBusy) as busy:
-        table.try_lease(first, "m", lease_s=5)
-    assert busy.value.headers["Retry-After"] == "5"
-    assert table.commit(first, lease, b"A" * 20, {"n": 1}) == 1
-    with pytest.raises(SessionBusy, match="changed"):
-        table.commit(first, lease, b"late", {})  # a lease is good for one commit
-    stale = table.try_lease(first, "m", lease_s=5).lease
-    clock.now += 6  # its holder died: the lease runs out on its own
-    fresh = table.try_lease(first, "m", lease_s=5).lease
-    with pytest.raises(SessionBusy):
-        table.commit(first, stale, b"lost", {})
-    table.release(first, fresh)
+    # Commits apply only on the version they were computed from.
+    done = table.commit(first, "m", 0, b"A" * 20, {"n": 1}, "req-1", b"answer-1")
+    assert done == type(done)(1) and table.read(first, "m").version == 1
+    late = table.commit(first, "m", 0, b"lost", {}, "req-2", b"answer-2")
+    assert late.current is not None and late.current.blob == b"A" * 20 and late.version == 1
+    # A retried request (same key) gets its first answer back and changes nothing.
+    again = table.commit(first, "m", 0, b"twice", {}, "req-1", b"other")
+    assert again.replayed == b"answer-1" and table.read(first, "m").version == 1
+    table.commit(first, "m", 1, b"B" * 20, {}, "req-3", b"answer-3")
+    table.commit(first, "m", 2, b"C" * 20, {}, "req-4", b"answer-4")
+    forgotten = table.commit(first, "m", 3, b"D" * 20, {}, "req-1", b"")
+    assert forgotten.replayed is None  # only the last `recent_requests` keys are remembered
     assert table.total_bytes == 30
 
     with pytest.raises(Unavailable, match="no room"):
@@ -218,7 +223,7 @@ def server(ray_local, tmp_path_factory):
     )
     url = start_local(args, port=_free_port(), name=APP)
     reference = load_served_model(published.champion_uri, tracking)
-    yield url, published, reference.model
+    yield url, published, reference.model, args
     stop_local(APP)
     serve.shutdown()
 
@@ -243,7 +248,7 @@ def _close(top, probs: torch.Tensor) -> bool:
 @pytest.mark.ray
 @pytest.mark.timeout(600)  # includes publishing the model and starting Serve (module fixture)
 def test_model_card_names_what_is_served(server, client):
-    _, published, model = server
+    _, published, model, _ = server
     card = client.model_card()
     assert card.mechanism == "attention" and card.task == "mqar"
     assert card.run_id == published.run_id
@@ -396,7 +401,10 @@ def test_limits_and_mistakes_get_4xx_that_name_the_problem(server, client):
     both = httpx.post(append, json={"tokens": [1], "text": "a"}, headers=headers)
     assert both.status_code == 422 and "exactly one" in both.json()["detail"][0]["msg"]
     broken = httpx.post(append, content=b"{not json", headers=headers)
-    assert broken.status_code == 422
+    assert broken.status_code == 400 and broken.json()["detail"][0]["type"] == "json_invalid"
+    boolean = httpx.post(append, json={"tokens": [1, True]}, headers=headers)
+    assert boolean.status_code == 422
+    assert boolean.json()["detail"][0]["loc"] == ["body", "tokens", 1]
     long_gen = httpx.post(
         f"{url}/v1/sessions/{session}/generate", json={"max_new_tokens": 65}, headers=headers
     )
@@ -444,10 +452,187 @@ def test_a_session_survives_its_replica_being_killed(server, client):
     assert client.health().replica == replaced
 
 
-def _replica_actors() -> list[str]:
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_a_retried_update_is_applied_once(server, client):
+    session = client.create_session().session_id
+    first = client.append(session, tokens=[5, 6], request_id="append-1")
+    assert client.append(session, tokens=[5, 6], request_id="append-1") == first
+    assert client.inspect(session).tokens_seen == 2
+    assert client.append(session, tokens=[7], request_id="append-2").tokens_seen == 3
+    headers = {"X-API-Key": KEY, "Idempotency-Key": "append-2"}
+    raw = httpx.post(
+        f"{server[0]}/v1/sessions/{session}/append", json={"tokens": [7]}, headers=headers
+    )
+    assert raw.status_code == 200 and raw.json()["tokens_seen"] == 3
+    generated = client.generate(session, max_new_tokens=2, request_id="generate-1")
+    assert client.generate(session, max_new_tokens=2, request_id="generate-1") == generated
+    assert client.inspect(session).tokens_seen == 5
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_requests_in_flight_on_a_dying_replica_get_a_json_503(server, client):
+    """No plain-text 500, and nothing left holding the session: it answers at once afterwards."""
+    url, headers = server[0], {"X-API-Key": KEY}
+    session = client.create_session().session_id
+    client.append(session, tokens=[3, 4])
+    busy = [client.create_session().session_id for _ in range(6)]
+    for other in busy:
+        client.append(other, tokens=[1])
+
+    def generate(session_id: str) -> httpx.Response:
+        body = {"max_new_tokens": 64, "advance": True}
+        path = f"{url}/v1/sessions/{session_id}/generate"
+        return httpx.post(path, json=body, headers=headers, timeout=60)
+
+    with ThreadPoolExecutor(len(busy)) as pool:
+        answers = [pool.submit(generate, other) for other in busy]
+        time.sleep(0.3)
+        killed = _kill_model_replica()
+        answers = [future.result() for future in answers]
+    for answer in answers:
+        assert answer.status_code in (200, 503), (answer.status_code, answer.text[:300])
+        assert answer.headers["content-type"] == "application/json", answer.text[:300]
+        if answer.status_code == 503:  # the replica stopped, or the survivors are at capacity
+            assert answer.headers["retry-after"] and answer.json()["detail"]
+    _wait_for_a_new_replica(url, killed)
+    with MemlabClient(url, api_key=KEY, retries=0) as once:
+        assert once.append(session, tokens=[5]).tokens_seen == 3  # first try: no stale lock
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_openapi_describes_the_api_that_runs(server):
+    url, headers = server[0], {"X-API-Key": KEY}
+    document = httpx.get(f"{url}/openapi.json", headers=headers).json()
+    schemes = document["components"]["securitySchemes"]
+    assert [s["name"] for s in schemes.values()] == ["X-API-Key"]
+    paths = document["paths"]
+    assert "security" not in paths["/healthz"]["get"]
+    append = paths["/v1/sessions/{session_id}/append"]["post"]
+    assert append["security"] and {"400", "413", "422", "503"} <= set(append["responses"])
+    idempotency = {p["name"]: p for p in append["parameters"]}["Idempotency-Key"]
+    assert idempotency["in"] == "header"
+    bodies = document["components"]["schemas"]
+    tokens = bodies["AppendRequest"]["properties"]["tokens"]["anyOf"][0]
+    assert tokens["items"] == {"type": "integer", "minimum": 0, "exclusiveMaximum": 256}
+    assert tokens["maxItems"] == 512  # the application's limit (beyond it: 413)
+    assert bodies["AppendRequest"]["oneOf"] == [{"required": ["tokens"]}, {"required": ["text"]}]
+    assert bodies["AppendRequest"]["properties"]["top_k"]["maximum"] == 50
+    assert bodies["GenerateRequest"]["properties"]["max_new_tokens"]["maximum"] == 64
+    assert httpx.get(f"{url}/healthz").status_code == 200  # never 401
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_sessions_live_and_die_with_their_application(server):
+    """A redeployment with another key starts an empty store; deleting the application leaves
+    no store behind; without a key the docs are open and ask for none."""
+    from serve.local import start_local, stop_local
+
+    url, port, args = server[0], int(server[0].rsplit(":", 1)[1]), server[3]
+    name, prefix = f"{APP}-scope", "/scope"
+    first = start_local(args, port=port, name=name, route_prefix=prefix)
+    with MemlabClient(first, api_key=KEY) as client:
+        session = client.create_session().session_id
+        client.append(session, tokens=[1, 2])
+    keyless = args.model_copy(update={"api_key": None})
+    second = start_local(keyless, port=port, name=name, route_prefix=prefix)
+    with MemlabClient(second) as client:
+        with pytest.raises(MemlabHTTPError) as gone:
+            client.inspect(session)
+        assert gone.value.status == 404
+    document = httpx.get(f"{second}/openapi.json").json()
+    assert "securitySchemes" not in document.get("components", {})
+    assert httpx.get(f"{second}/docs").status_code == 200
+    stop_local(name)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _replica_actors(name):
+        time.sleep(0.5)
+    assert not _replica_actors(name), "the application's deployments outlived it"
+    assert httpx.get(f"{url}/healthz").status_code == 200  # the other application is untouched
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_appends_survive_replica_kills_exactly_once(server):
+    """8 sessions append concurrently while the model replica is killed every few seconds: every
+    session holds exactly the tokens acknowledged to it (retries carry the same key)."""
+    url, stop = server[0], threading.Event()
+    acknowledged, first_try, attempts = [0] * 8, [0] * 8, [0] * 8
+
+    def appender(index: int) -> str:
+        with MemlabClient(url, api_key=KEY, retries=1) as client:
+            session = client.create_session().session_id
+            while not stop.is_set():
+                key = f"{session}-{acknowledged[index]}"
+                attempts[index] += 1
+                try:
+                    client.append(session, tokens=[index + 1], request_id=key)
+                    first_try[index] += 1
+                except (MemlabHTTPError, httpx.HTTPError):
+                    _append_until_answered(client, session, [index + 1], key)
+                acknowledged[index] += 1
+            return session
+
+    with ThreadPoolExecutor(8) as pool:
+        sessions = [pool.submit(appender, index) for index in range(8)]
+        for _ in range(3):
+            time.sleep(6)
+            killed = _kill_model_replica()
+            _wait_for_a_new_replica(url, killed)
+        time.sleep(3)
+        stop.set()
+        sessions = [future.result() for future in sessions]
+    with MemlabClient(url, api_key=KEY) as client:
+        for index, session in enumerate(sessions):
+            assert client.inspect(session).tokens_seen == acknowledged[index], index
+    rate = sum(first_try) / sum(attempts)
+    print(f"appends {sum(acknowledged)}, answered with at most one retry: {rate:.1%}")
+    assert sum(acknowledged) > 8 * 3
+
+
+def _append_until_answered(client, session: str, tokens: list[int], key: str) -> None:
+    """What a careful client does when a retry also failed: ask again with the same key until
+    the server answers; the update is applied at most once whatever happened before."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client.append(session, tokens=tokens, request_id=key)
+            return
+        except (MemlabHTTPError, httpx.HTTPError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _kill_model_replica() -> str:
     import ray
 
-    prefix = f"SERVE_REPLICA::{APP}#"
+    (name,) = [n for n in _replica_actors() if "#MemlabModel#" in n]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    return name.rsplit("#", 1)[-1]
+
+
+def _wait_for_a_new_replica(url: str, killed: str) -> str:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            answered = httpx.get(url + "/healthz", timeout=5).json().get("replica")
+        except (httpx.HTTPError, ValueError):
+            answered = None
+        if answered and answered != killed:
+            return answered
+        time.sleep(0.5)
+    raise AssertionError("Serve did not replace the killed replica")
+
+
+def _replica_actors(app: str = APP) -> list[str]:
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#"
     return [
         actor["name"]
         for actor in ray.util.list_named_actors(all_namespaces=True)
@@ -631,3 +816,89 @@ def test_overload_is_refused_fast_with_503(server, fuzz_session):
     # (Relative, since this machine is shared; alone, refusals take a few milliseconds.)
     median_refusal = refused[len(refused) // 2]
     assert median_refusal < min(2.0, served[len(served) // 2] / 2), (refused, served)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_sigterm_stops_memlab_serve_and_everything_it_started(tmp_path):
+    """A service manager or a script's cleanup stops `memlab serve` with SIGTERM: it exits like
+    after Ctrl-C, and no Ray process it started is left running (or listening)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pipelines.checkpoint import Position, save_checkpoint
+
+    config = debug("attention")
+    model = config.model.build()
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    save_checkpoint(tmp_path / "model", model, optimizer, scheduler, Position(), config)
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "pipelines.cli", "serve", "--model-uri", str(tmp_path / "model"),
+        "--port", str(port), "--ray-address", "local", "--max-replicas", "1",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MEMLAB_"))}
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_until_serving(f"http://127.0.0.1:{port}", process)
+        started = _descendants(process.pid)
+        assert started, "memlab serve started no Ray processes?"
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=180)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-3000:]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_alive(pid) for pid in started):
+        time.sleep(1)
+    left = [pid for pid in started if _alive(pid)]
+    assert not left, f"still running after SIGTERM: {[_command_line(pid) for pid in left]}"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def _wait_until_serving(url: str, process) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"memlab serve exited early:\n{process.stdout.read()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        time.sleep(1)
+    raise AssertionError("memlab serve never answered /healthz")
+
+
+def _descendants(root: int) -> set[int]:
+    """Every process whose chain of parents leads to `root` (read from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _command_line(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+    return "?"
