@@ -1,15 +1,18 @@
 """Serving under load: latency and throughput of the local Ray Serve deployment, over loopback.
 
-Four measurements, each against a fresh local deployment of one untrained model published to a
-temporary MLflow store (`pipelines.train.publish`), so nothing depends on an earlier sweep:
+Measurements against fresh local deployments of one untrained model published to a temporary
+MLflow store (`pipelines.train.publish`), so nothing depends on an earlier sweep:
 
 * load: stateless `/v1/predict` requests of `--predict-len` tokens from `c` concurrent clients
   (c in `--concurrency`), `--requests` per level: p50/p99 latency, requests/s and tokens/s,
   with dynamic batching on and off (`@serve.batch` against one forward per request);
+* overhead: p50 and p99 at one client minus the same forward called in this process;
 * sessions: append `--chunk` tokens at a time to one session until it has read `--history`
   tokens, against a stateless client that re-sends the whole history to `/v1/predict` each time.
-  The session's latency must stay flat (its memory is a bounded window); the re-sender's grows;
-* overhead: the same predict and append called on the model in this process, no HTTP, no Serve.
+  A bounded memory keeps the session's latency flat; the re-sender's grows;
+* affinity: `--sessions` clients appending to their own sessions on two model replicas, with
+  session affinity (a session's requests go to the replica holding its hot copy) on and off;
+* OpenAI streaming: time to first token and tokens/s of `/v1/completions` with `stream: true`.
 
 Client, proxy and replica share this machine's cores, so absolute numbers are pessimistic; the
 comparisons (batching on/off, session/re-send, served/in-process) are the point.
@@ -47,7 +50,7 @@ from memory_models.model import SequenceModel
 from pipelines.experiment import apply_overrides
 from pipelines.recipes import debug
 
-QUICK = {"concurrency": [1, 8], "requests": 40, "history": 256}
+QUICK = {"concurrency": [1, 8], "requests": 40, "history": 256, "sessions": 4, "appends": 10}
 NOTE = (
     "Latencies are client-side wall times over loopback (HTTP + Serve proxy + replica). "
     "batching off = one forward pass per request; on = @serve.batch, up to {batch} sequences "
@@ -70,6 +73,9 @@ class Sizes:
     requests: int
     max_batch_size: int
     batch_wait_ms: float
+    sessions: int
+    appends: int
+    stream_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +100,27 @@ class HistoryRow:
     session_append_ms: float
     resend_history_ms: float
     in_process_append_ms: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AffinityRow:
+    affinity: str
+    sessions: int
+    appends: int
+    p50_ms: float
+    p99_ms: float
+    appends_per_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamRow:
+    requests: int
+    tokens: int
+    first_token_ms: float
+    tokens_per_s: float
+
+    def summary(self) -> str:
+        return f"first token {self.first_token_ms:.1f} ms, {self.tokens_per_s:.0f} tokens/s"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -218,6 +245,69 @@ def _bucket(timings: list[tuple[int, float, float, float]], low: int, high: int)
     )
 
 
+async def affinity_level(url: str, sizes: Sizes) -> tuple[list[float], float]:
+    """`sizes.sessions` clients, each appending `sizes.appends` chunks to its own session."""
+    chunk = {"tokens": [5] * sizes.chunk}
+    latencies: list[float] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        session = (await client.post("/v1/sessions")).json()["session_id"]
+        await client.post(f"/v1/sessions/{session}/append", json=chunk)  # warm: the copy loads
+        for _ in range(sizes.appends):
+            started = time.perf_counter()
+            _ok(await client.post(f"/v1/sessions/{session}/append", json=chunk))
+            latencies.append(time.perf_counter() - started)
+
+    limits = httpx.Limits(max_connections=sizes.sessions)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(sizes.sessions)))
+        wall = time.perf_counter() - started
+    return latencies, wall
+
+
+def measure_affinity(url: str, label: str, sizes: Sizes) -> AffinityRow:
+    latencies, wall = asyncio.run(affinity_level(url, sizes))
+    return AffinityRow(
+        affinity=label,
+        sessions=sizes.sessions,
+        appends=len(latencies),
+        p50_ms=1000 * percentile(latencies, 0.5),
+        p99_ms=1000 * percentile(latencies, 0.99),
+        appends_per_s=len(latencies) / wall,
+    )
+
+
+def measure_stream(url: str, sizes: Sizes, requests: int = 8) -> StreamRow:
+    """Streamed completions: time to the first text event, and tokens/s after it."""
+    body = {
+        "model": "memlab-bench",
+        "prompt": "def ",
+        "max_tokens": sizes.stream_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    firsts, rates = [], []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for _ in range(requests):
+            started = time.perf_counter()
+            first = None
+            with client.stream("POST", "/v1/completions", json=body) as answer:
+                answer.raise_for_status()
+                for line in answer.iter_lines():
+                    if line.startswith("data: {") and first is None:
+                        first = time.perf_counter()
+            ended = time.perf_counter()
+            firsts.append(first - started)
+            rates.append(sizes.stream_tokens / max(ended - first, 1e-9))
+    return StreamRow(
+        requests=requests,
+        tokens=sizes.stream_tokens,
+        first_token_ms=1000 * statistics.median(firsts),
+        tokens_per_s=statistics.median(rates),
+    )
+
+
 def _ok(answer: httpx.Response) -> httpx.Response:
     answer.raise_for_status()
     return answer
@@ -255,24 +345,31 @@ def publish_model(sizes: Sizes, folder: str) -> tuple[str, str]:
     return publish(config, "memlab-bench", steps=0).champion_uri, tracking
 
 
-def serve_args(uri: str, tracking: str, sizes: Sizes, batching: bool):
+def serve_args(
+    uri: str, tracking: str, sizes: Sizes, batching: bool, replicas: int = 1, affinity: bool = True
+):
     from serve.args import ServeArgs
 
     return ServeArgs.model_validate(
         {
             "model_uri": uri,
             "tracking_uri": tracking,
-            "limits": {"max_tokens_per_request": max(4096, sizes.history)},
+            "limits": {
+                "max_tokens_per_request": max(4096, sizes.history),
+                "max_new_tokens": max(256, sizes.stream_tokens),
+            },
+            "sessions": {"affinity": affinity},
             "batching": {
                 "enabled": batching,
                 "max_batch_size": sizes.max_batch_size,
                 "wait_timeout_s": sizes.batch_wait_ms / 1000,
             },
             "deployment": {
-                "min_replicas": 1,
-                "max_replicas": 1,
+                "min_replicas": replicas,
+                "max_replicas": replicas,
                 "max_ongoing_requests": max(64, 2 * max(sizes.concurrency)),
                 "max_queued_requests": 1024,
+                "replica_cpus": 0.5,
             },
         }
     )
@@ -300,19 +397,37 @@ def run_all(sizes: Sizes, port: int, log: Callable[[str], None]) -> dict[str, An
             load_rows = measure_load(urls, sizes, log)
             log("session history (batching on):")
             history_rows = measure_history(urls["on"], model, sizes, log)
+            log("OpenAI streaming:")
+            stream_row = measure_stream(urls["on"], sizes)
+            log(f"  {stream_row.summary()}")
         finally:
             for label in urls:
                 stop_local(f"{APP}-{label}")
+        affinity_rows = []
+        for affinity, label in ((True, "on"), (False, "off")):
+            log(f"two replicas, affinity {label}...")
+            args = serve_args(uri, tracking, sizes, True, replicas=2, affinity=affinity)
+            name = f"{APP}-affinity-{label}"
+            url = start_local(args, port=port, name=name, route_prefix=f"/affinity-{label}")
+            try:
+                affinity_rows.append(measure_affinity(url, label, sizes))
+            finally:
+                stop_local(name)
+            row = affinity_rows[-1]
+            log(f"  p50 {row.p50_ms:.1f} ms p99 {row.p99_ms:.1f} ms {row.appends_per_s:.1f}/s")
     return {
         "load": load_rows,
         "history": history_rows,
+        "affinity": affinity_rows,
+        "stream": stream_row,
         "in_process_predict_ms": min(in_process_ms, in_process_predict_ms(model, sizes)),
     }
 
 
 def load_table(rows: list[LoadRow], in_process_ms: float) -> str:
     headers = ["batching", "clients", "requests", "503", "p50 ms", "p99 ms", "req/s", "tok/s"]
-    headers.append("p50 / in-process")
+    headers += ["vs off req/s", "p50 over in-process ms", "p99 over in-process ms"]
+    off = {row.concurrency: row.requests_per_s for row in rows if row.batching == "off"}
     cells = [
         [
             row.batching,
@@ -323,7 +438,25 @@ def load_table(rows: list[LoadRow], in_process_ms: float) -> str:
             f"{row.p99_ms:.1f}",
             f"{row.requests_per_s:.1f}",
             f"{row.tokens_per_s:,.0f}",
-            f"{row.p50_ms / in_process_ms:.1f}x",
+            f"{row.requests_per_s / off[row.concurrency]:.2f}x",
+            f"{row.p50_ms - in_process_ms:.1f}",
+            f"{row.p99_ms - in_process_ms:.1f}",
+        ]
+        for row in rows
+    ]
+    return format_table(headers, cells)
+
+
+def affinity_table(rows: list[AffinityRow]) -> str:
+    headers = ["affinity", "sessions", "appends", "p50 ms", "p99 ms", "appends/s"]
+    cells = [
+        [
+            row.affinity,
+            str(row.sessions),
+            str(row.appends),
+            f"{row.p50_ms:.1f}",
+            f"{row.p99_ms:.1f}",
+            f"{row.appends_per_s:.1f}",
         ]
         for row in rows
     ]
@@ -362,11 +495,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=64, help="memory_size (attention window)")
     parser.add_argument("--predict-len", type=int, default=64, help="tokens per predict request")
     parser.add_argument("--chunk", type=int, default=16, help="tokens per session append")
-    parser.add_argument("--history", type=int, default=2048, help="session length reached")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--history", type=int, default=10240, help="session length reached")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--requests", type=int, default=160, help="predicts per level")
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--batch-wait-ms", type=float, default=0.0)
+    parser.add_argument("--sessions", type=int, default=8, help="clients in the affinity test")
+    parser.add_argument("--appends", type=int, default=40, help="appends per affinity client")
+    parser.add_argument("--stream-tokens", type=int, default=64, help="tokens per stream")
     parser.add_argument("--port", type=int, default=8765, help="Serve's HTTP port (loopback)")
     parser.add_argument("--quick", action="store_true", help="fewer requests, for a smoke run")
     return parse_with_quick(parser, argv, QUICK)
@@ -386,11 +522,16 @@ def main(argv: list[str] | None = None) -> None:
             load_table(results["load"], results["in_process_predict_ms"]),
         ),
         ("Session append as the history grows", history_table(results["history"])),
+        (
+            "Session appends on two replicas, affinity on and off",
+            affinity_table(results["affinity"]),
+        ),
     ]
     log("")
     for title, table in tables:
         log(f"{title}\n{table}\n")
     log(f"in-process predict: {results['in_process_predict_ms']:.2f} ms")
+    log(f"OpenAI stream: {results['stream'].summary()}")
     log(textwrap.fill(note, width=100))
     payload = {
         "machine": machine_info(torch=torch.__version__, torch_threads=1),
@@ -400,6 +541,8 @@ def main(argv: list[str] | None = None) -> None:
         "in_process_predict_ms": results["in_process_predict_ms"],
         "load": [dataclasses.asdict(row) for row in results["load"]],
         "history": [dataclasses.asdict(row) for row in results["history"]],
+        "affinity": [dataclasses.asdict(row) for row in results["affinity"]],
+        "stream": dataclasses.asdict(results["stream"]),
     }
     log(f"wrote {write_json('serve.json', payload)}")
     markdown_path = RESULTS_DIR / "serve.md"

@@ -326,6 +326,12 @@ def run(
     kinds: KindsOption = None,
     memory_sizes: MemorySizesOption = None,
     thresholds: ThresholdsOption = None,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            "--recipe", "-r", help="The task: mqar-demo (recall), or text-small (a text model)."
+        ),
+    ] = "mqar-demo",
     name: Annotated[str, typer.Option(help="Sweep name; the same name resumes it.")] = "main",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Loopback port to serve on.")] = 8000,
     ray_address: RayAddressOption = None,
@@ -340,6 +346,7 @@ def run(
 
     defaults = MainJobSettings()
     settings = MainJobSettings(
+        recipe=recipe,
         kinds=tuple(kinds or defaults.kinds),
         memory_sizes=tuple(memory_sizes or defaults.memory_sizes),
         thresholds=tuple(thresholds or defaults.thresholds),
@@ -349,10 +356,13 @@ def run(
         ray_address=ray_address,
     )
     try:
-        main_config(settings)  # refuses a bad override before any file is written
+        main_config(settings)  # refuses a bad override or recipe before any file is written
+    except (OverrideError, DataError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="OVERRIDES/--recipe/--kind") from error
+    try:
         with _framework_logs("run", verbose):
             run_main_job(settings, console)
-    except (OverrideError, SpaceError, DataError) as error:
+    except (SpaceError, DataError) as error:
         raise typer.BadParameter(
             str(error), param_hint="OVERRIDES/--kind/--memory-size/--threshold"
         ) from error

@@ -20,10 +20,10 @@ from rich.table import Table
 
 from pipelines.data import tasks
 from pipelines.data.build import build_datasets
-from pipelines.data.config import MQARTask
+from pipelines.data.config import MQARTask, TextTask
 from pipelines.display import sweep_progress, sweep_table
 from pipelines.experiment import RUNS_DIR, ExperimentConfig, apply_overrides
-from pipelines.recipes import mqar_demo
+from pipelines.recipes import recipe
 from pipelines.runtime import connect
 from pipelines.tune.settings import SweepOutcome, SweepSettings
 from pipelines.tune.space import grid_space, planned_trials
@@ -34,6 +34,7 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class MainJobSettings:
+    recipe: str = "mqar-demo"  # `text-small`: a byte-level text champion, served as text
     kinds: Sequence[str] = ("attention", "gru")
     memory_sizes: Sequence[int] = (8, 32)
     thresholds: Sequence[float] = (0.0, 0.1)
@@ -46,7 +47,8 @@ class MainJobSettings:
 
 def main_config(settings: MainJobSettings) -> ExperimentConfig:
     """The sweep's base config; a bad override fails here, before anything is written."""
-    base = apply_overrides(mqar_demo(settings.kinds[0]), list(settings.overrides))
+    start = apply_overrides(recipe(settings.recipe), {"model.memory.kind": settings.kinds[0]})
+    base = apply_overrides(start, list(settings.overrides))
     base.data.check()
     return base
 
@@ -73,7 +75,7 @@ def _prepare(base: ExperimentConfig, console: Console) -> None:
     meta = prepared.metadata
     state = "reused from cache" if prepared.cached else "written"
     console.print(
-        f"MQAR {meta.train_rows:,} train / {meta.test_rows:,} test rows of "
+        f"{base.data.task.kind} {meta.train_rows:,} train / {meta.test_rows:,} test rows of "
         f"{meta.train_seq_len} tokens, vocabulary {meta.vocab_size} ({state}: {prepared.path})"
     )
 
@@ -114,7 +116,10 @@ def _serve_and_demonstrate(
     try:
         with MemlabClient(url) as client:
             console.rule("[bold]4/4 a session[/bold]  memory kept on the server between requests")
-            _demonstrate(client, base.data.task, settings.demo_seed, console)
+            if isinstance(base.data.task, TextTask):
+                _demonstrate_text(client, url, champion["registered_model"], console)
+            elif isinstance(base.data.task, MQARTask):
+                _demonstrate(client, base.data.task, settings.demo_seed, console)
     finally:
         stop_local()
         from ray import serve
@@ -145,6 +150,24 @@ def _demonstrate(client, task: MQARTask, seed: int, console: Console) -> None:
     forgotten = client.append(fresh.session_id, tokens=queries).answers
     client.delete(fresh.session_id)
     console.print(_recall_table(remembered, forgotten))
+
+
+def _demonstrate_text(client, url: str, model_name: str, console: Console) -> None:
+    """A text champion: one session continues a prompt, then the OpenAI-compatible call."""
+    session = client.create_session().session_id
+    prompt = "def main():\n    "
+    client.append(session, text=prompt)
+    reply = client.generate(session, max_new_tokens=64, temperature=0.7, top_k=20, seed=0)
+    console.print(f"request 1 appends {prompt!r}; request 2 continues it from the session:")
+    console.print(prompt + (reply.text or ""), markup=False, highlight=False)
+    client.delete(session)
+    console.print(
+        "any OpenAI client works too (stream=True included):\n"
+        f'  OpenAI(base_url="{url}/v1", api_key="...").completions.create('
+        f'model="{model_name}", prompt="def ", max_tokens=64)',
+        markup=False,
+        highlight=False,
+    )
 
 
 def _recall_rows(queries: list[int], answers: list[int], labels: list[int]) -> list[tuple]:

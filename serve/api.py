@@ -20,14 +20,12 @@ import hmac
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
-import ray
 from fastapi import Depends, FastAPI, Header, HTTPException, Response, Security, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import Field, StrictInt, create_model
-from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,9 +38,12 @@ from serve.errors import (
     Unavailable,
     retry_after,
 )
+from serve.gateway import Gateway, ModelFacts, text_tokens
+from serve.openai_api import add_openai_routes, openai_error
 from serve.schema import (
     API_KEY_HEADER,
     IDEMPOTENCY_HEADER,
+    MAX_IDEMPOTENCY_KEY,
     AppendRequest,
     AppendResponse,
     ErrorBody,
@@ -58,7 +59,6 @@ from serve.schema import (
 T = TypeVar("T")
 # Session ids are uuid4 hex; anything longer is unknown without asking the store.
 MAX_SESSION_ID = 64
-MAX_IDEMPOTENCY_KEY = 128
 NOT_JSON = {
     "loc": ["body"],
     "msg": "the request body is not valid JSON (send it with Content-Type: application/json)",
@@ -73,14 +73,6 @@ _ERROR_STATUSES = {
     422: "a field is missing, misspelt or out of range (its place is in `detail`)",
     503: "overloaded, past the deadline, or the replica stopped: retry after `Retry-After`",
 }
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the ingress knows of the served model to check requests: its vocabulary."""
-
-    vocab_size: int
-    reads_bytes: bool
 
 
 @dataclass(frozen=True)
@@ -119,34 +111,6 @@ def request_models(limits: Limits, facts: ModelFacts) -> RequestModels:
         top_k=(top_k | None, None),
     )
     return RequestModels(predict, append, generate)
-
-
-class Gateway:
-    """The ingress's calls to the model deployment: a session's requests go to the replica that
-    holds it (multiplexing keyed by session id), and Ray's failures become JSON refusals."""
-
-    def __init__(self, handle: Any, affinity: bool) -> None:
-        self.handle = handle  # ray.serve.handle.DeploymentHandle of serve.app.MemlabModel
-        self.affinity = affinity
-
-    async def call(self, method: str, *args: Any, session_id: str | None = None) -> Any:
-        handle = self.handle
-        if session_id is not None and self.affinity:
-            handle = handle.options(multiplexed_model_id=session_id)
-        try:
-            return await getattr(handle, method).remote(*args)
-        except ray.exceptions.RayTaskError as error:
-            if isinstance(error.cause, ServeError):
-                raise error.cause from None
-            raise
-        except BackPressureError:
-            raise Unavailable("the model is at capacity; retry", retry_after(1)) from None
-        except (ray.exceptions.RayActorError, RequestCancelledError) as error:
-            raise Unavailable(
-                "the replica serving this request stopped before answering; retry (an append "
-                f"sent with an {IDEMPOTENCY_HEADER} is applied at most once)",
-                retry_after(1),
-            ) from error
 
 
 def build_api(gateway: Gateway, limits: Limits, facts: ModelFacts, api_key: str | None) -> FastAPI:
@@ -248,6 +212,7 @@ def build_api(gateway: Gateway, limits: Limits, facts: ModelFacts, api_key: str 
         await _within(deadline, gateway.call("delete", session_id, session_id=session_id))
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
+    add_openai_routes(app, gateway, limits, facts, guarded)
     return app
 
 
@@ -314,19 +279,6 @@ class Checks:
                 )
 
 
-def text_tokens(text: str, vocab_size: int) -> list[int]:
-    """UTF-8 bytes as tokens, for byte-level models (vocabulary 256) only."""
-    if vocab_size != 256:
-        raise InvalidField(
-            ["body", "text"],
-            f"this model reads tokens from a vocabulary of {vocab_size}, not text; send 'tokens'",
-        )
-    try:
-        return list(text.encode("utf-8"))
-    except UnicodeEncodeError:  # a lone surrogate ("\ud800") is valid JSON but not Unicode text
-        raise InvalidField(["body", "text"], "text is not valid Unicode") from None
-
-
 async def _within(seconds: float, work) -> T:
     try:
         return await asyncio.wait_for(work, timeout=seconds)
@@ -338,13 +290,21 @@ async def _within(seconds: float, work) -> T:
 
 
 def _key_check(api_key: str):
+    """The key in `X-API-Key`, or as a bearer token (`Authorization: Bearer <key>`, what OpenAI
+    clients send), compared in constant time."""
     header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
+    bearer = HTTPBearer(auto_error=False, description="the same key, as OpenAI clients send it")
 
-    async def check(given: str | None = Security(header)) -> None:
-        if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
+    async def check(
+        given: Annotated[str | None, Security(header)] = None,
+        token: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
+    ) -> None:
+        offered = given if given is not None else (token.credentials if token else None)
+        if offered is None or not hmac.compare_digest(offered.encode(), api_key.encode()):
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
-                detail=f"missing or wrong API key: send it in the {API_KEY_HEADER} header",
+                detail=f"missing or wrong API key: send it in the {API_KEY_HEADER} header "
+                "(or as Authorization: Bearer)",
                 headers={"WWW-Authenticate": "ApiKey"},
             )
 
@@ -352,13 +312,15 @@ def _key_check(api_key: str):
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    async def refused(_: Request, error: Exception) -> JSONResponse:
+    async def refused(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, ServeError)
         if isinstance(error, InvalidField):
-            return _invalid([{"loc": error.loc, "msg": error.detail, "type": "value_error"}])
-        return JSONResponse({"detail": error.detail}, error.status, headers=error.headers)
+            errors = [{"loc": error.loc, "msg": error.detail, "type": "value_error"}]
+            return _invalid(request, errors)
+        body = openai_error(request.url.path, {"detail": error.detail}, error.status)
+        return JSONResponse(body, error.status, headers=error.headers)
 
-    async def invalid(_: Request, error: Exception) -> JSONResponse:
+    async def invalid(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
         # FastAPI's default echoes the input (and may fail to encode it); the place and the
         # message are what a client needs.
@@ -367,8 +329,9 @@ def _add_error_handlers(app: FastAPI) -> None:
             for item in error.errors()
         ]
         if any(_not_json(item) for item in error.errors()):
-            return JSONResponse({"detail": [NOT_JSON]}, status.HTTP_400_BAD_REQUEST)
-        return _invalid(errors)
+            body = openai_error(request.url.path, {"detail": [NOT_JSON]}, 400)
+            return JSONResponse(body, status.HTTP_400_BAD_REQUEST)
+        return _invalid(request, errors)
 
     app.add_exception_handler(ServeError, refused)
     app.add_exception_handler(RequestValidationError, invalid)
@@ -381,8 +344,9 @@ def _not_json(error: dict[str, Any]) -> bool:
     return error["type"] == "json_invalid" or raw_text
 
 
-def _invalid(errors: list[dict[str, Any]]) -> JSONResponse:
-    return JSONResponse({"detail": errors}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+def _invalid(request: Request, errors: list[dict[str, Any]]) -> JSONResponse:
+    code = status.HTTP_422_UNPROCESSABLE_CONTENT
+    return JSONResponse(openai_error(request.url.path, {"detail": errors}, code), code)
 
 
 def _plain(part: object) -> str | int:

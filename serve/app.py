@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -27,10 +28,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from serve.api import Gateway, ModelFacts, build_api
+from serve.api import build_api
 from serve.args import ServeArgs
 from serve.batching import Step, StepResult, run_steps
-from serve.loading import load_served_config, load_served_model
+from serve.gateway import Gateway, ModelFacts
+from serve.loading import load_served_config, load_served_model, served_name
+from serve.sampling import Sampling
 from serve.schema import GenerateRequest
 from serve.service import MemlabService, Store
 from serve.store import SessionStore, StoreLimits
@@ -78,6 +81,16 @@ class MemlabModel:
         await self._hold_routed()
         return await self.service.generate(session_id, request, request_id)
 
+    async def complete(self, prompt, sampling: Sampling, n: int, session_id, request_id):
+        await self._hold_routed()
+        return await self.service.complete(prompt, sampling, n, session_id, request_id)
+
+    async def complete_stream(self, prompt, sampling: Sampling, n: int, session_id):
+        """A generator: called with `handle.options(stream=True)`, it streams text pieces."""
+        await self._hold_routed()
+        async for piece in self.service.complete_stream(prompt, sampling, n, session_id):
+            yield dataclasses.replace(piece, memory=None)  # the state stays in the replica
+
     async def health(self):
         return await self.service.health()
 
@@ -120,7 +133,12 @@ class MemlabIngress:
         _refuse_an_open_port_without_a_key(self.api_key)
         config = load_served_config(args.model_uri, args.tracking_uri)
         vocab = config.model.vocab_size
-        self.facts = ModelFacts(vocab_size=vocab, reads_bytes=vocab == 256)
+        self.facts = ModelFacts(
+            vocab_size=vocab,
+            reads_bytes=vocab == 256,
+            model_id=served_name(args.model_uri),
+            model_uri=args.model_uri,
+        )
         self.gateway = Gateway(model, args.sessions.affinity)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

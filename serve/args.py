@@ -119,7 +119,7 @@ class ServeArgs(Strict):
         tracking URI (absolute: replicas run elsewhere), a checkpoint path, the API key."""
         tracking = TrackingSettings(tracking_uri=self.tracking_uri)
         update: dict = {"tracking_uri": tracking.resolved_uri()}
-        if _is_path(self.model_uri):
+        if is_local_path(self.model_uri):
             update["model_uri"] = str(Path(self.model_uri).expanduser().resolve())
         from_env = os.environ.get(API_KEY_ENV, "").strip()
         if self.api_key is None and from_env:
@@ -161,5 +161,6 @@ def _read_key_file(path: Path) -> str:
     return key
 
 
-def _is_path(uri: str) -> bool:
-    return "://" not in uri and not uri.startswith("models:/") and not uri.startswith("runs:/")
+def is_local_path(uri: str) -> bool:
+    """A model URI that names a checkpoint folder rather than an MLflow model."""
+    return "://" not in uri and not uri.startswith(("models:/", "runs:/"))

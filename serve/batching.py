@@ -1,10 +1,13 @@
-"""Many requests, one forward pass: steps of equal length are stacked, run once, split back.
+"""Many requests, one forward pass: steps are stacked, run together, split back.
 
-A step is one sequence's tokens and its memory (batch 1). Steps of different lengths are not padded
-into one pass: a pad token would advance a session's memory. They go in separate passes, one per
-length; under load most steps share a length (single tokens while generating, equal chunks from a
-streaming client). States with different slot counts stack thanks to `ModelState.stack`'s padding
-with empty slots, which every mechanism ignores.
+A step is one sequence's tokens and its memory (batch 1). No step is padded: a pad token would
+advance a session's memory. When every layer of the model is chunk invariant (reading 7 tokens is
+reading 1 then 6), steps of different lengths advance in lockstep: each pass runs every unfinished
+step for as many tokens as the shortest of them has left, so a batch of lengths {1, 4, 7} takes 3
+passes of 3, 2 and 1 sequences, and every step shares the first pass. Otherwise (memory decisions
+at call boundaries, e.g. eviction by attention share) steps of equal length share a pass, one pass
+per length. States with different slot counts stack thanks to `ModelState.stack`'s padding with
+empty slots, which every mechanism ignores.
 """
 
 from __future__ import annotations
@@ -33,6 +36,32 @@ class StepResult:
 @torch.inference_mode()
 def run_steps(model: SequenceModel, steps: list[Step]) -> list[StepResult]:
     """Results in the order of `steps`; one forward per distinct length."""
+    if chunk_invariant(model):
+        return _lockstep(model, steps)
+    return _by_length(model, steps)
+
+
+def chunk_invariant(model: SequenceModel) -> bool:
+    return all(block.memory.chunk_invariant() for block in model.blocks)
+
+
+def _lockstep(model: SequenceModel, steps: list[Step]) -> list[StepResult]:
+    states = [step.state for step in steps]
+    done = [0] * len(steps)
+    pieces: list[list[Tensor]] = [[] for _ in steps]
+    active = list(range(len(steps)))
+    while active:
+        width = min(steps[i].tokens.shape[0] - done[i] for i in active)
+        tokens = torch.stack([steps[i].tokens[done[i] : done[i] + width] for i in active])
+        logits, state = model(tokens, ModelState.stack([states[i] for i in active]))
+        for i, row, part in zip(active, logits, state.split(1), strict=True):
+            pieces[i].append(row)
+            states[i], done[i] = part, done[i] + width
+        active = [i for i in active if done[i] < steps[i].tokens.shape[0]]
+    return [StepResult(torch.cat(p), s) for p, s in zip(pieces, states, strict=True)]
+
+
+def _by_length(model: SequenceModel, steps: list[Step]) -> list[StepResult]:
     by_length: dict[int, list[int]] = defaultdict(list)
     for index, step in enumerate(steps):
         by_length[step.tokens.shape[0]].append(index)

@@ -45,6 +45,12 @@ class SessionConflict(ServeError):
     status = 409
 
 
+class BadRequest(ServeError):
+    """A request the server understood but will not carry out (an unsupported option)."""
+
+    status = 400
+
+
 class TooLarge(ServeError):
     status = 413
 

@@ -21,6 +21,7 @@ from memory_models.model import SequenceModel
 from pipelines.checkpoint import CONFIG_FILE, is_checkpoint, load_model, read_config
 from pipelines.experiment import ExperimentConfig
 from pipelines.train.logged_model import CHECKPOINT_ARTIFACT
+from serve.args import is_local_path
 
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
@@ -89,6 +90,16 @@ def load_served_config(model_uri: str, tracking_uri: str | None) -> ExperimentCo
             tracking_uri=tracking_uri,
         )
         return ExperimentConfig.model_validate_json(Path(path).read_text())
+
+
+def served_name(model_uri: str) -> str:
+    """The name clients call the model by (the OpenAI API's `model`): the registered model's
+    name, a checkpoint folder's name, else `memlab`."""
+    if match := _ALIAS_URI.match(model_uri) or _VERSION_URI.match(model_uri):
+        return match["name"]
+    if is_local_path(model_uri):
+        return Path(model_uri).name
+    return "memlab"
 
 
 def check_model_uri(model_uri: str, tracking_uri: str | None) -> None:

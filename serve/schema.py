@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 API_KEY_HEADER = "X-API-Key"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY = 128
 # Token ids are integers, not booleans or floats that happen to be whole (`true` is refused).
 Token = StrictInt
 Tokens = list[Token]
@@ -161,3 +162,19 @@ class Health(Response):
 
 class ErrorBody(Response):
     detail: Any
+
+
+class CompletionChoice(Response):
+    """One continuation of a text completion."""
+
+    index: int
+    text: str
+    finish_reason: str = Field(description="stop (a stop string) or length (max_tokens)")
+    completion_tokens: int
+
+
+class CompletionResult(Response):
+    """What a model replica returns for a text completion (the OpenAI layer formats it)."""
+
+    prompt_tokens: int
+    choices: list[CompletionChoice]

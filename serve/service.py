@@ -11,7 +11,8 @@ request's idempotency key, so a retried request is answered, not applied again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -30,8 +31,11 @@ from serve.errors import (
     retry_after,
 )
 from serve.loading import ServedModel, card_config, state_bytes_per_sequence
+from serve.sampling import Sampling, TextStream, sample
 from serve.schema import (
     AppendResponse,
+    CompletionChoice,
+    CompletionResult,
     GenerateRequest,
     GenerateResponse,
     Health,
@@ -201,18 +205,92 @@ class MemlabService:
         self, memory: codec.SessionMemory, request: GenerateRequest
     ) -> tuple[list[int], codec.SessionMemory]:
         """Sample `max_new_tokens` one at a time; with `advance`, feed the last one in too."""
-        if memory.next_logits is None:
-            raise SessionConflict("the session has read nothing yet: append tokens first")
-        generator = None if request.seed is None else torch.Generator().manual_seed(request.seed)
+        sampling = Sampling(
+            request.max_new_tokens, request.temperature, request.top_k, seed=request.seed
+        )
+        _require_something_read(memory)
+        generator = sampling.generator()
         state, logits, tokens = memory.state, memory.next_logits, []
         for index in range(request.max_new_tokens):
-            token = _sample(logits, request.temperature, request.top_k, generator)
+            token = sample(logits, sampling, generator)
             tokens.append(token)
             if index == request.max_new_tokens - 1 and not request.advance:
                 break
             result = await self.run(Step(torch.tensor([token]), state))
             state, logits = result.state, result.logits[-1]
         return tokens, codec.SessionMemory(state, logits, memory.tokens_seen + len(tokens))
+
+    async def complete(
+        self, prompt: list[int], sampling: Sampling, n: int, session_id: str | None, request_id
+    ) -> CompletionResult:
+        """Text completions (the OpenAI-compatible API). Without a session: `n` continuations
+        of the prompt read from empty memory. With one: the prompt is appended to the session,
+        one continuation is generated and joins its memory, committed like an append."""
+
+        async def continued(memory: codec.SessionMemory):
+            read = await self._read(memory, prompt)
+            choices, after = [], read
+            for index in range(n):
+                pieces = [piece async for piece in self._text(read, sampling, index)]
+                text = "".join(piece.text for piece in pieces)
+                choices.append(CompletionChoice(index=index, text=text, **pieces[-1].ending()))
+                after = pieces[-1].memory
+            return after, CompletionResult(prompt_tokens=len(prompt), choices=choices)
+
+        if session_id is None:
+            return (await continued(self.template))[1]
+        return await self._update(session_id, request_id, continued, CompletionResult)
+
+    async def complete_stream(
+        self, prompt: list[int], sampling: Sampling, n: int, session_id: str | None
+    ) -> AsyncIterator[TextPiece]:
+        """`complete`, piece by piece as the tokens come: every `TextPiece` carries its choice's
+        index; the last of each choice its finish reason. A session is committed at the end."""
+        if session_id is None:
+            read = await self._read(self.template, prompt)
+            for index in range(n):
+                async for piece in self._text(read, sampling, index):
+                    yield piece
+            return
+        async with self.hot.locked(session_id, self._load) as copy:
+            read = await self._read(copy.memory, prompt)
+            async for piece in self._text(read, sampling, 0):
+                if piece.finish_reason is not None:
+                    commit = await self._commit(copy, piece.memory, None, None)
+                    if commit.current is not None:
+                        copy.forget()
+                        raise SessionBusy("the session changed during this stream; retry")
+                    copy.keep(piece.memory, commit.version)
+                yield piece
+
+    async def _read(self, memory: codec.SessionMemory, tokens: list[int]) -> codec.SessionMemory:
+        """`memory` after reading `tokens` (none: as it is, if it has read anything)."""
+        if not tokens:
+            _require_something_read(memory)
+            return memory
+        result = await self.run(Step(torch.tensor(tokens), memory.state))
+        return codec.SessionMemory(
+            result.state, result.logits[-1], memory.tokens_seen + len(tokens)
+        )
+
+    async def _text(
+        self, memory: codec.SessionMemory, sampling: Sampling, index: int
+    ) -> AsyncIterator[TextPiece]:
+        """One sampled continuation as text pieces; each generated token joins the memory."""
+        stream, generator = TextStream(sampling.stop), sampling.generator(index)
+        state, logits, seen = memory.state, memory.next_logits, memory.tokens_seen
+        for count in range(1, sampling.max_tokens + 1):
+            token = sample(logits, sampling, generator)
+            result = await self.run(Step(torch.tensor([token]), state))
+            state, logits, seen = result.state, result.logits[-1], seen + 1
+            text = stream.add(token)
+            if stream.done or count == sampling.max_tokens:
+                reason = "stop" if stream.done else "length"
+                after = codec.SessionMemory(state, logits, seen)
+                yield TextPiece(index, text + stream.finish(), count, reason, after)
+                return
+            if text:
+                yield TextPiece(index, text, count)
 
     def model_card(self) -> ModelCard:
         served, source = self.served, self.served.provenance
@@ -275,14 +353,21 @@ def _at_positions(logits: Tensor, positions: list[int], k: int) -> list[Position
     return out
 
 
-def _sample(
-    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
-) -> int:
-    if temperature == 0.0:
-        return int(logits.argmax())
-    # A tiny temperature is greedy in effect; the floor keeps the division finite.
-    scaled = logits.float() / max(temperature, 1e-3)
-    if top_k is not None and top_k < scaled.shape[0]:
-        floor = scaled.topk(top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < floor, float("-inf"))
-    return int(torch.multinomial(scaled.softmax(-1), 1, generator=generator))
+def _require_something_read(memory: codec.SessionMemory) -> None:
+    if memory.next_logits is None:
+        raise SessionConflict("the session has read nothing yet: append tokens first")
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    """Text generated for choice `index` so far (`tokens` counts them); the last piece of a
+    choice has its `finish_reason` and the memory after it."""
+
+    index: int
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+    memory: codec.SessionMemory | None = None
+
+    def ending(self) -> dict[str, Any]:
+        return {"finish_reason": self.finish_reason, "completion_tokens": self.tokens}

@@ -170,7 +170,7 @@ def test_batched_steps_equal_one_at_a_time_and_survive_encoding(kind):
     with torch.no_grad():
         for length in (13, 1):
             states.append(model(torch.randint(0, 64, (1, length)))[1])
-    chunks = [torch.randint(0, 64, (n,)) for n in (4, 4, 7)]
+    chunks = [torch.randint(0, 64, (n,)) for n in (4, 1, 7)]  # lockstep: passes of 3, 2, 1
     batched = run_steps(model, [Step(c, s) for c, s in zip(chunks, states, strict=True)])
     follow = torch.randint(0, 64, (1, 3))
     for chunk, state, result in zip(chunks, states, batched, strict=True):
@@ -507,7 +507,7 @@ def test_openapi_describes_the_api_that_runs(server):
     url, headers = server[0], {"X-API-Key": KEY}
     document = httpx.get(f"{url}/openapi.json", headers=headers).json()
     schemes = document["components"]["securitySchemes"]
-    assert [s["name"] for s in schemes.values()] == ["X-API-Key"]
+    assert {s.get("name", s.get("scheme")) for s in schemes.values()} == {"X-API-Key", "bearer"}
     paths = document["paths"]
     assert "security" not in paths["/healthz"]["get"]
     append = paths["/v1/sessions/{session_id}/append"]["post"]
@@ -902,3 +902,103 @@ def _command_line(pid: int) -> str:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
     return "?"
+
+
+# The OpenAI-compatible API, through the real `openai` client.
+
+
+@pytest.fixture
+def openai_client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0)
+
+
+def _greedy(model, tokens: list[int], count: int) -> list[int]:
+    """The model's greedy continuation of `tokens`, `count` tokens long."""
+    tokens = list(tokens)
+    for _ in range(count):
+        tokens.append(int(_next_probs(model, tokens).argmax()))
+    return tokens[-count:]
+
+
+def _greedy_text(model, prompt: str, count: int) -> str:
+    return bytes(_greedy(model, list(prompt.encode()), count)).decode("utf-8", errors="replace")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_openai_completions_blocking_and_streamed(server, openai_client):
+    model, name = server[2], "memlab-serve-test"
+    assert [m.id for m in openai_client.models.list().data] == [name]
+    done = openai_client.completions.create(model=name, prompt="ab", max_tokens=5, temperature=0)
+    (choice,) = done.choices
+    assert choice.text == _greedy_text(model, "ab", 5) and choice.finish_reason == "length"
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (2, 5)
+    stream = openai_client.completions.create(
+        model=name, prompt="ab", max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert chunks[-1].usage.total_tokens == 7
+    several = openai_client.completions.create(
+        model=name, prompt=["a", "b"], max_tokens=3, n=2, temperature=1.0, top_p=0.9, seed=5
+    )
+    assert sorted(c.index for c in several.choices) == [0, 1, 2, 3]
+    assert several.usage.completion_tokens == 12
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_openai_chat_with_stop_strings_and_a_memory_session(server, openai_client, client):
+    name = "memlab-serve-test"
+    messages = [{"role": "user", "content": "hi"}]
+    reply = openai_client.chat.completions.create(
+        model=name, messages=messages, max_tokens=6, temperature=0
+    )
+    text = reply.choices[0].message.content
+    assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens <= 6
+    assert text == _greedy_text(server[2], "user: hi\nassistant: ", 6)[: len(text)]
+    streamed = openai_client.chat.completions.create(
+        model=name, messages=messages, max_tokens=6, temperature=0, stream=True
+    )
+    parts = [c.choices[0].delta.content or "" for c in streamed if c.choices]
+    assert "".join(parts) == text
+    if text:  # the first character as a stop string: the reply ends before it
+        stopped = openai_client.chat.completions.create(
+            model=name, messages=messages, max_tokens=6, temperature=0, stop=[text[0]]
+        )
+        assert (
+            stopped.choices[0].message.content == "" and stopped.choices[0].finish_reason == "stop"
+        )
+
+    session = client.create_session().session_id
+    first = openai_client.completions.create(
+        model=name, prompt="abc", max_tokens=4, temperature=0, extra_body={"session_id": session}
+    )
+    assert client.inspect(session).tokens_seen == 3 + first.usage.completion_tokens
+    more = openai_client.completions.create(
+        model=name, prompt="d", max_tokens=2, temperature=0, extra_body={"session_id": session}
+    )
+    history = [*b"abc", *_greedy(server[2], list(b"abc"), 4), *b"d"]  # what the memory read
+    expected = bytes(_greedy(server[2], history, 2)).decode("utf-8", errors="replace")
+    assert more.choices[0].text == expected
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_openai_refusals_are_clear_4xx(server, openai_client):
+    openai = pytest.importorskip("openai")
+    name = "memlab-serve-test"
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        openai_client.completions.create(model=name, prompt="a", logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        openai_client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "a"}], presence_penalty=0.5
+        )
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        openai_client.completions.create(model="gpt-4o", prompt="a")
+    with pytest.raises(openai.UnprocessableEntityError):
+        openai_client.completions.create(model=name, prompt="a", max_tokens=65)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server[0]}/v1", api_key="x", max_retries=0).models.list()
