@@ -8,7 +8,7 @@ carries the state across segments (truncated backprop), tuning sweeps `memory_si
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -99,6 +99,20 @@ class MemoryLayer(nn.Module, ABC):
         on the same chunks.
         """
         return True
+
+    def reconfigure(self, **settings: Any) -> None:
+        """Change shape-free settings in place (a capacity controller, population-based
+        tuning): the weights stay, the next call runs with the new values, and a state kept from
+        before is brought within the new bound by that call's own eviction. A setting that sizes
+        a weight (`shape_bound`) is refused, naming the kind."""
+        fixed = sorted(set(settings) - self.config.movable_settings())
+        if fixed:
+            raise ValueError(
+                f"kind {self.config.kind!r} cannot change {', '.join(fixed)} during a run "
+                f"(it sizes the weights, or is not a memory setting); movable: "
+                f"{', '.join(sorted(self.config.movable_settings())) or 'none'}"
+            )
+        self.config = type(self.config).model_validate(self.config.model_dump() | settings)
 
     def auxiliary_loss(self) -> Tensor | None:
         """An extra training loss from the last forward (e.g. compressive reconstruction)."""

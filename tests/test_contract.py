@@ -73,6 +73,30 @@ def test_shape_bound_settings_are_declared(kind):
     assert "forget_threshold" not in config_cls.shape_bound
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_movable_settings_change_in_place_like_a_fresh_layer(kind):
+    """A capacity controller moves memory_size (and the threshold) during a run: the reconfigured
+    layer computes what a layer built with those settings and the same weights computes."""
+    layer = make_layer(kind, dtype=torch.float64)
+    movable = REGISTRY[kind].movable_settings()
+    update = {"memory_size": MEMORY_SIZE // 2} if "memory_size" in movable else {}
+    if REGISTRY[kind].forgets:
+        update["forget_threshold"] = 0.2
+    with torch.no_grad():
+        _, state = layer(torch.randn(2, 20, D_MODEL, dtype=torch.float64))
+        fresh = layer_helpers.with_config(layer, **update)
+        layer.reconfigure(**update)
+        x = torch.randn(2, 9, D_MODEL, dtype=torch.float64)
+        y_moved, s_moved = layer(x, state)
+        y_fresh, s_fresh = fresh(x, state)
+    torch.testing.assert_close(y_moved, y_fresh, atol=0, rtol=0)
+    assert_states_close(s_moved, s_fresh, atol=0)
+    bound = REGISTRY[kind].shape_bound
+    if bound:
+        with pytest.raises(ValueError, match=f"kind '{kind}' cannot change memory_size"):
+            layer.reconfigure(memory_size=3)
+
+
 @pytest.mark.parametrize("kind", [kind for kind in KINDS if not REGISTRY[kind].forgets])
 def test_a_threshold_without_anything_to_forget_is_refused(kind):
     with pytest.raises(ValidationError, match="nothing to forget"):
