@@ -381,7 +381,7 @@ def run_all(sizes: Sizes, port: int, log: Callable[[str], None]) -> dict[str, An
     from serve.loading import load_served_model
     from serve.local import start_local, stop_local
 
-    start_private()
+    start_private(log_to_driver=False)  # the replicas' logs stay in Ray's session folder
     with tempfile.TemporaryDirectory() as folder:
         uri, tracking = publish_model(sizes, folder)
         model = load_served_model(uri, tracking).model

@@ -120,7 +120,7 @@ def _join(address: str) -> None:
         ) from None
 
 
-def start_private() -> None:
+def start_private(log_to_driver: bool = True) -> None:
     """A Ray for this process only: loopback dashboard, token auth on, the token owner-only.
 
     At least 4 logical CPUs: fractional Train workers, Ray Data tasks and a Tune driver all fit
@@ -131,7 +131,7 @@ def start_private() -> None:
         num_cpus=max(4, os.cpu_count() or 1),
         include_dashboard=True,  # Train's placement-group cleanup needs the state API
         dashboard_host="127.0.0.1",
-        log_to_driver=True,
+        log_to_driver=log_to_driver,
     )
     private_token()
 
