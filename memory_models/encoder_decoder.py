@@ -1,12 +1,12 @@
 """`EncoderDecoderModel`: the encoder writes a context into memory once; the decoder reads it.
 
 The encoder-decoder Transformer (Vaswani et al., 2017, section 3.2.3) seen as a memory: a
-bidirectional encoder (its own blocks of non-causal self-attention + MLP) reads the context
-`[B, Tc]`; its outputs, optionally pooled to `memory_size` slots by learned slot queries (pooling by
-multi-head attention, Lee et al., Set Transformer, 2019, eq. 11; the Perceiver's latent array,
-Jaegle et al., 2021), are the decoder's **cross memory**. Every decoder block is the
-`SequenceModel` block (norm + self-memory of any registered kind, norm + MLP) with a cross-attention
-read of that memory between the two halves:
+bidirectional encoder (its own blocks of short convolution, non-causal self-attention and MLP)
+reads the context `[B, Tc]`; its outputs, optionally pooled to `memory_size` slots by learned slot
+queries (pooling by multi-head attention, Lee et al., Set Transformer, 2019, eq. 11; the
+Perceiver's latent array, Jaegle et al., 2021), are the decoder's **cross memory**. Every decoder
+block is the `SequenceModel` block (norm + self-memory of any registered kind, norm + MLP) with a
+cross-attention read of that memory between the two halves:
 
     x = x + SelfMemory(norm(x));  x = x + CrossAttention(norm(x), memory);  x = x + MLP(norm(x))
 
