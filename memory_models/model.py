@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Self
+from typing import Literal, Self
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +26,9 @@ class SequenceModelConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    #: The tag `memory_models.architectures` picks the model class by; the encoder-decoder's is
+    #: `encoder_decoder`. Configs saved before the tag existed read as this one.
+    architecture: Literal["decoder_only"] = "decoder_only"
     vocab_size: int = Field(ge=2)
     d_model: int = Field(default=64, ge=8)
     n_layers: int = Field(default=2, ge=1)

@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from memory_models.architectures import ARCHITECTURES, AnyModelConfig
 from memory_models.layer import MemoryConfig
-from memory_models.model import SequenceModelConfig
-from pipelines.data.config import DataConfig
+from pipelines.data.config import SEQ2SEQ_KINDS, DataConfig
 
 RUNS_DIR = Path("memlab_runs")
 
@@ -89,7 +89,7 @@ class RunSettings(Strict):
 
 class ExperimentConfig(Strict):
     recipe: str = "custom"
-    model: SequenceModelConfig
+    model: AnyModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainSettings = Field(default_factory=TrainSettings)
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
@@ -103,6 +103,23 @@ class ExperimentConfig(Strict):
             raise ValueError(
                 f"model.vocab_size={self.model.vocab_size} is smaller than the task's vocabulary "
                 f"({need}); set model.vocab_size={need}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _architecture_fits_the_task(self) -> ExperimentConfig:
+        seq2seq = self.data.task.kind in SEQ2SEQ_KINDS
+        encoder_decoder = self.model.architecture == "encoder_decoder"
+        if seq2seq and not encoder_decoder:
+            raise ValueError(
+                f"task {self.data.task.kind!r} is sequence-to-sequence (its rows have a context "
+                "to encode); set model.architecture=encoder_decoder"
+            )
+        if encoder_decoder and not seq2seq:
+            raise ValueError(
+                f"model.architecture=encoder_decoder needs a task with a context, and "
+                f"{self.data.task.kind!r} has none; pick a seq2seq_* task, or "
+                "model.architecture=decoder_only"
             )
         return self
 
@@ -182,6 +199,8 @@ def _set_path(data: dict, key: str, value: Any) -> None:
         known = ", ".join(sorted(node))
         raise OverrideError(f"unknown config key {key!r}; known at this level: {known}")
     node[parts[-1]] = value
+    if parts[-1] == "architecture" and parts[:-1] == ["model"]:
+        _keep_fields_of(node, ARCHITECTURES.get(value))
     if parts[-1] == "kind" and parts[-2:-1] == ["memory"]:
         # A new mechanism: drop the old one's own fields, keep those every mechanism has.
         for name in list(node):
@@ -189,9 +208,26 @@ def _set_path(data: dict, key: str, value: Any) -> None:
                 del node[name]
 
 
+def _keep_fields_of(node: dict, config_class: type[BaseModel] | None) -> None:
+    """A new architecture: drop the old one's own fields and write the new one's defaults, so
+    later overrides in the same list can reach into them (`model.cross_memory.memory_size`)."""
+    if config_class is None:
+        return  # an unknown architecture: validation names it
+    fields = config_class.model_fields
+    for name in list(node):
+        if name not in fields:
+            del node[name]
+    for name, field in fields.items():
+        if name not in node and not field.is_required():
+            default = field.get_default(call_default_factory=True)
+            node[name] = (
+                default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+            )
+
+
 def _may_add(parts: list[str], node: dict) -> bool:
-    """Fields left at their default after a `kind` switch are absent from the dump."""
-    return "kind" in node
+    """Fields left at their default after a `kind` or `architecture` switch are absent."""
+    return "kind" in node or "architecture" in node
 
 
 def _explain(error: ValidationError, pairs: dict[str, Any]) -> str:

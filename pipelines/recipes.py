@@ -2,16 +2,18 @@
 
 `memlab train --recipe debug-gru model.memory.memory_size=16` starts from one of these. The debug
 recipes are tiny (seconds on a laptop) and exist for every mechanism; `mqar-small` is the
-associative-recall problem the sweep and `memlab run` use.
+associative-recall problem the sweep and `memlab run` use. `seq2seq-mqar-small` and `debug-encdec`
+are the encoder-decoder's: the pairs are encoded into its cross memory, then asked for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from memory_models.encoder_decoder import EncoderDecoderConfig
 from memory_models.model import SequenceModelConfig
 from memory_models.registry import REGISTRY, memory_config
-from pipelines.data.config import DataConfig, MQARTask, RecallPart, TextTask
+from pipelines.data.config import DataConfig, MQARTask, RecallPart, Seq2SeqMQARTask, TextTask
 from pipelines.experiment import ExperimentConfig, ScalingSettings, TrainSettings
 
 Recipe = Callable[[], ExperimentConfig]
@@ -107,11 +109,59 @@ def text_small(kind: str = "gru") -> ExperimentConfig:
     )
 
 
+# MQAR split in two: 4 or 8 pairs are encoded into the cross memory once, then every key is asked.
+SEQ2SEQ_RECALL = Seq2SeqMQARTask(vocab_size=256, num_kv_pairs=(4, 8))
+
+
+def encoder_decoder(
+    kind: str, vocab_size: int, d_model: int, memory_size: int | None = None
+) -> EncoderDecoderConfig:
+    """An encoder-decoder whose decoder blocks use memory `kind` and whose cross memory keeps
+    `memory_size` slots (None: every context position)."""
+    return EncoderDecoderConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_layers=2,
+        memory=memory_config({"kind": kind}),
+        cross_memory={"memory_size": memory_size},
+    )
+
+
+def debug_encdec(kind: str = "attention") -> ExperimentConfig:
+    """A few steps of a tiny encoder-decoder on tiny seq2seq recall, on two workers."""
+    return ExperimentConfig(
+        recipe="debug-encdec",
+        model=encoder_decoder(kind, SEQ2SEQ_RECALL.vocab_size, d_model=32, memory_size=8),
+        data=DataConfig(
+            task=SEQ2SEQ_RECALL, num_train_examples=256, num_test_examples=64, blocks=2
+        ),
+        train=TrainSettings(
+            epochs=1, batch_size=16, max_steps_per_epoch=4, max_eval_batches=2, warmup_steps=2
+        ),
+        scaling=ScalingSettings(num_workers=2),
+    )
+
+
+def seq2seq_mqar_small(kind: str = "attention") -> ExperimentConfig:
+    """Encoder-decoder recall on one CPU worker: encode the pairs once, answer every key."""
+    return ExperimentConfig(
+        recipe="seq2seq-mqar-small",
+        model=encoder_decoder(kind, SEQ2SEQ_RECALL.vocab_size, d_model=64),
+        data=DataConfig(
+            task=SEQ2SEQ_RECALL, num_train_examples=16384, num_test_examples=512, blocks=4
+        ),
+        train=TrainSettings(epochs=2, batch_size=64, lr=3e-3, warmup_steps=50, max_eval_batches=8),
+        scaling=ScalingSettings(num_workers=1, cpus_per_worker=1.0),
+    )
+
+
 def _recipes() -> dict[str, Recipe]:
     table: dict[str, Recipe] = {f"debug-{kind}": (lambda k=kind: debug(k)) for kind in REGISTRY}
     table["mqar-small"] = mqar_small
     table["mqar-demo"] = mqar_demo
     table["text-small"] = text_small
+    table["debug-encdec"] = debug_encdec
+    table["seq2seq-mqar-small"] = seq2seq_mqar_small
     return table
 
 

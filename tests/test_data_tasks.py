@@ -128,7 +128,12 @@ def test_generators_are_deterministic_per_seed(task):
 
 
 def test_every_kind_but_text_has_a_generator():
-    assert set(GENERATORS) == {"mqar", "forgetting_mqar", "copy", "selective_copy"}
+    assert set(GENERATORS) == {"mqar", "forgetting_mqar", "copy", "selective_copy"} | {
+        "seq2seq_mqar",
+        "seq2seq_copy",
+        "seq2seq_reverse",
+        "seq2seq_recall",
+    }
 
 
 @pytest.mark.parametrize(("low", "high", "k"), [(1, 4096, 16), (0, 6, 5), (3, 40, 8)])

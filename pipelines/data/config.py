@@ -226,11 +226,161 @@ class TextTask(Strict):
         )
 
 
+class Seq2SeqMQARTask(Strict):
+    """MQAR as sequence-to-sequence: the context is the key-value pairs, the decoder is asked for
+    the value of every key (tasks/seq2seq_mqar.py). Same token ranges as MQAR: keys [1, V/2),
+    values [V/2, V). `num_kv_pairs` is the length mixture of the train set; `test_num_kv_pairs=None`
+    tests on it too."""
+
+    kind: Literal["seq2seq_mqar"] = "seq2seq_mqar"
+    vocab_size: int = ZOOLOGY_VOCAB
+    num_kv_pairs: tuple[int, ...] = (4, 8, 16)
+    test_num_kv_pairs: tuple[int, ...] | None = None
+
+    @property
+    def row_width(self) -> int:
+        """Decoder tokens per row: a query and its answer per key, for the most keys."""
+        return 2 * max(self.num_kv_pairs)
+
+    @property
+    def context_width(self) -> int:
+        return 2 * max(self.num_kv_pairs)
+
+    def check(self) -> None:
+        for name in ("num_kv_pairs", "test_num_kv_pairs"):
+            counts = getattr(self, name) or self.num_kv_pairs
+            _require(len(counts) > 0, f"task.{name} is empty: give at least one count")
+            _require(min(counts) >= 1, f"task.{name}={counts}: every count must be >= 1")
+            _check_pair_ranges(self.vocab_size, max(counts), 1, f"task.{name}")
+
+    def test_task(self) -> Seq2SeqMQARTask:
+        return self.model_copy(update={"num_kv_pairs": self.test_num_kv_pairs or self.num_kv_pairs})
+
+
+def _check_pair_ranges(vocab_size: int, pairs: int, first_key: int, where: str) -> None:
+    """Keys from [first_key, V/2) and values from [V/2, V) must hold `pairs` distinct each."""
+    keys, values = vocab_size // 2 - first_key, vocab_size - vocab_size // 2
+    _require(
+        min(keys, values) >= pairs,
+        f"task.vocab_size={vocab_size} holds {keys} keys and {values} values, fewer than the "
+        f"{pairs} distinct pairs of {where}; raise vocab_size to at least "
+        f"{2 * (pairs + first_key)}",
+    )
+
+
+class Seq2SeqCopyTask(Strict):
+    """Copy a sequence of symbols from the context (tasks/seq2seq_copy.py), lengths mixed.
+
+    Tokens: 0 pad, 1 go, 2 end, symbols from [3, vocab_size). `test_lengths=None` tests at twice
+    the longest training length, to see whether the memory extrapolates.
+    """
+
+    kind: Literal["seq2seq_copy"] = "seq2seq_copy"
+    vocab_size: int = 32
+    lengths: tuple[int, ...] = tuple(range(1, 17))
+    test_lengths: tuple[int, ...] | None = None
+
+    @property
+    def row_width(self) -> int:
+        """Decoder tokens per row: `go` or `end` plus the longest sequence."""
+        return max(self.lengths) + 1
+
+    @property
+    def context_width(self) -> int:
+        return max(self.lengths)
+
+    def check(self) -> None:
+        _require(
+            self.vocab_size >= 4,
+            f"task.vocab_size={self.vocab_size} must be >= 4 (3 reserved tokens + symbols)",
+        )
+        for name in ("lengths", "test_lengths"):
+            lengths = getattr(self, name)
+            if lengths is None:
+                continue
+            _require(len(lengths) > 0, f"task.{name} is empty: give at least one length")
+            bad = [length for length in lengths if length < 1]
+            _require(not bad, f"task.{name} has lengths {bad}: every length must be >= 1")
+
+    def test_task(self) -> Seq2SeqCopyTask:
+        lengths = self.test_lengths or (2 * max(self.lengths),)
+        return self.model_copy(update={"lengths": lengths})
+
+
+class Seq2SeqReverseTask(Seq2SeqCopyTask):
+    """As `Seq2SeqCopyTask`, but the decoder writes the symbols in reverse order."""
+
+    kind: Literal["seq2seq_reverse"] = "seq2seq_reverse"  # type: ignore[assignment]
+
+
+class LongRecallPart(Strict):
+    """One bucket of long-context recall: `num_kv_pairs` pairs hidden in `context_len` tokens of
+    noise, `num_queries` of them asked for."""
+
+    context_len: int
+    num_kv_pairs: int
+    num_queries: int
+
+
+class Seq2SeqRecallTask(Strict):
+    """Associative recall from a context longer than the memory (tasks/seq2seq_recall.py).
+
+    Tokens: 0 pad, 1 noise, keys [2, V/2), values [V/2, V). A memory pooled to fewer slots than
+    there are pairs cannot hold them all, so `memory_size` matters.
+    """
+
+    kind: Literal["seq2seq_recall"] = "seq2seq_recall"
+    vocab_size: int = 256
+    parts: tuple[LongRecallPart, ...] = (
+        LongRecallPart(context_len=256, num_kv_pairs=16, num_queries=8),
+    )
+    test_parts: tuple[LongRecallPart, ...] | None = None
+
+    @property
+    def row_width(self) -> int:
+        return 2 * max(part.num_queries for part in self.parts)
+
+    @property
+    def context_width(self) -> int:
+        return max(part.context_len for part in self.parts)
+
+    def check(self) -> None:
+        for name, parts in (("parts", self.parts), ("test_parts", self.test_parts or self.parts)):
+            _require(len(parts) > 0, f"task.{name} is empty: give at least one part")
+            for part in parts:
+                self._check_part(name, part)
+
+    def _check_part(self, name: str, part: LongRecallPart) -> None:
+        where = (
+            f"task.{name} entry (context_len={part.context_len}, "
+            f"num_kv_pairs={part.num_kv_pairs}, num_queries={part.num_queries})"
+        )
+        _require(part.num_kv_pairs >= 1, f"{where}: num_kv_pairs must be >= 1")
+        _require(part.context_len % 2 == 0, f"{where}: context_len must be even (pair slots)")
+        _require(
+            part.context_len >= 2 * part.num_kv_pairs,
+            f"{where}: context_len must be >= {2 * part.num_kv_pairs} to hold the pairs",
+        )
+        _require(
+            1 <= part.num_queries <= part.num_kv_pairs,
+            f"{where}: num_queries must be in [1, num_kv_pairs] (each asks a distinct key)",
+        )
+        _check_pair_ranges(self.vocab_size, part.num_kv_pairs, 2, where)
+
+    def test_task(self) -> Seq2SeqRecallTask:
+        return self.model_copy(update={"parts": self.test_parts or self.parts})
+
+
+Seq2SeqTask = Seq2SeqMQARTask | Seq2SeqCopyTask | Seq2SeqReverseTask | Seq2SeqRecallTask
+#: Task kinds whose rows carry a `context` column for an encoder-decoder model.
+SEQ2SEQ_KINDS = frozenset({"seq2seq_mqar", "seq2seq_copy", "seq2seq_reverse", "seq2seq_recall"})
+
+
 TaskConfig = Annotated[
-    MQARTask | ForgettingMQARTask | CopyTask | SelectiveCopyTask | TextTask,
+    MQARTask | ForgettingMQARTask | CopyTask | SelectiveCopyTask | TextTask | Seq2SeqTask,
     Field(discriminator="kind"),
 ]
-SyntheticTask = MQARTask | ForgettingMQARTask | CopyTask | SelectiveCopyTask
+SyntheticTask = MQARTask | ForgettingMQARTask | CopyTask | SelectiveCopyTask | Seq2SeqTask
 
 
 class DataConfig(Strict):

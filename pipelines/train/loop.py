@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from memory_models.model import ModelState, SequenceModel
+from memory_models.architectures import TokenModel
+from memory_models.model import ModelState
 from pipelines.data.tbptt import segments
 from pipelines.train.metrics import EvalAccumulator
 
@@ -32,15 +33,21 @@ class TrainingModule(nn.Module):
     `find_unused_parameters`) see every parameter that took part in the step.
     """
 
-    def __init__(self, model: SequenceModel, aux_loss_weight: float = 1.0) -> None:
+    def __init__(self, model: TokenModel, aux_loss_weight: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.aux_loss_weight = aux_loss_weight
 
     def forward(
-        self, inputs: Tensor, labels: Tensor, state: ModelState | None
+        self,
+        inputs: Tensor,
+        labels: Tensor,
+        state: ModelState | None,
+        context: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, ModelState]:
-        logits, state = self.model(inputs, state)  # [B, S, V]
+        # An encoder-decoder reads `context` (encoding it into its memory) on a row's first segment.
+        extra = {} if context is None else {"context": context}
+        logits, state = self.model(inputs, state, **extra)  # [B, S, V]
         task_loss = nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
         )
@@ -99,17 +106,21 @@ def train_batch(
     """Train on one batch of streams (`inputs`, `labels`: [B, T]), segment by segment, carrying
     the memory state; one optimizer (and scheduler) step per segment.
 
-    `model` is a `SequenceModel`, or one already wrapped in `TrainingModule` (and DDP).
+    `model` is a `SequenceModel` or `EncoderDecoderModel`, or one already wrapped in
+    `TrainingModule` (and DDP). A `context` column ([B, Tc]) is encoded on the first segment.
     """
-    module = TrainingModule(model) if isinstance(model, SequenceModel) else model
+    module = TrainingModule(model) if isinstance(model, TokenModel) else model
     started = time.perf_counter()
     inputs, labels = batch["inputs"], batch["labels"]
     length = segment_len or inputs.shape[1]
     state: ModelState | None = None
     losses, aux_losses = [], []
     for segment in segments(inputs, length, labels):
+        context = batch.get("context") if segment.reset else None
         with _autocast(inputs.device, autocast_dtype):
-            loss, task_loss, aux_loss, state = module(segment.inputs, segment.labels, state)
+            loss, task_loss, aux_loss, state = module(
+                segment.inputs, segment.labels, state, context
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -132,7 +143,7 @@ def train_batch(
 
 @torch.no_grad()
 def evaluate(
-    model: SequenceModel,
+    model: TokenModel,
     batches: Iterable[Batch],
     *,
     segment_len: int | None = None,
@@ -146,7 +157,9 @@ def evaluate(
     accumulator = EvalAccumulator(task_kind, bit_width)
     try:
         for batch in batches:
-            logits = _stream_logits(model, batch["inputs"], segment_len, autocast_dtype)
+            logits = _stream_logits(
+                model, batch["inputs"], segment_len, autocast_dtype, batch.get("context")
+            )
             accumulator.add(logits, batch)
     finally:
         model.train(was_training)
@@ -154,13 +167,14 @@ def evaluate(
 
 
 def _stream_logits(
-    model: SequenceModel, inputs: Tensor, segment_len: int | None, autocast_dtype
+    model: TokenModel, inputs: Tensor, segment_len: int | None, autocast_dtype, context=None
 ) -> Tensor:
     state = None
     pieces = []
     for segment in segments(inputs, segment_len or inputs.shape[1]):
+        extra = {"context": context} if context is not None and segment.reset else {}
         with _autocast(inputs.device, autocast_dtype):
-            logits, state = model(segment.inputs, state)
+            logits, state = model(segment.inputs, state, **extra)
         pieces.append(logits.float())
     return torch.cat(pieces, dim=1)  # [B, T, V]
 

@@ -4,7 +4,9 @@
 - associative recall: accuracy per number of key-value pairs (Zoology reports recall this way);
 - copy: bits wrong per sequence (the NTM paper's measure) and accuracy per copy length;
 - selective copy: accuracy per number of tokens to remember;
-- text: bits per byte (byte tokens, so the loss in bits is bits per byte).
+- text: bits per byte (byte tokens, so the loss in bits is bits per byte);
+- sequence to sequence: MQAR per number of pairs, long-context recall per context length, copy
+  and reverse per length plus `sequence_accuracy` (rows with every scored token right).
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ GROUP_COLUMN = {
     "forgetting_mqar": "num_kv_pairs",
     "copy": "length",
     "selective_copy": "num_tokens",
+    "seq2seq_mqar": "num_kv_pairs",
+    "seq2seq_recall": "context_len",
+    "seq2seq_copy": "length",
+    "seq2seq_reverse": "length",
 }
+# Tasks whose output is only useful whole: a copy with one wrong symbol is a wrong copy.
+SEQUENCE_ACCURACY_KINDS = frozenset({"seq2seq_copy", "seq2seq_reverse"})
 COPY_FIRST_VECTOR_TOKEN = 3  # copy tokens: 0 pad, 1 delimiter, 2 blank, 3 + bit-vector value
 
 
@@ -39,6 +47,7 @@ class EvalAccumulator:
         self.correct = 0
         self.sequences = 0
         self.bits_wrong = 0
+        self.rows_right = 0
         self.group_correct: dict[int, int] = defaultdict(int)
         self.group_scored: dict[int, int] = defaultdict(int)
 
@@ -55,6 +64,7 @@ class EvalAccumulator:
         self.scored += int(scored.sum())
         self.correct += int(hits.sum())
         self.sequences += labels.shape[0]
+        self.rows_right += int((hits | ~scored).all(1).sum())
         if self.task_kind == "copy":
             self.bits_wrong += _bits_wrong(predictions, labels, scored, self.bit_width or 8)
         self._add_groups(batch, hits, scored)
@@ -76,6 +86,8 @@ class EvalAccumulator:
             out["bits_per_byte"] = loss / math.log(2)
         if self.task_kind == "copy":
             out["bits_wrong_per_sequence"] = self.bits_wrong / max(self.sequences, 1)
+        if self.task_kind in SEQUENCE_ACCURACY_KINDS:
+            out["sequence_accuracy"] = self.rows_right / max(self.sequences, 1)
         column = GROUP_COLUMN.get(self.task_kind)
         for value in sorted(self.group_scored):
             out[f"accuracy_{column}_{value}"] = self.group_correct[value] / max(

@@ -1,7 +1,9 @@
 """Synthetic memory tasks: one generator per `kind`, all `generate(config, num_examples, seed)`.
 
 Each returns `inputs` and `labels` (int64 `[N, T]`, aligned: the model reads `inputs[:, t]` and
-is scored on `labels[:, t]`, -100 where unscored) plus per-example metadata columns `[N]`.
+is scored on `labels[:, t]`, -100 where unscored) plus per-example metadata columns `[N]`. The
+sequence-to-sequence tasks (`seq2seq_*`) add `context` (int64 `[N, Tc]`, 0-padded), which an
+encoder-decoder model encodes into memory before the decoder reads `inputs` (tasks/seq2seq.py).
 """
 
 from __future__ import annotations
@@ -10,7 +12,15 @@ from collections.abc import Callable
 from typing import Any
 
 from pipelines.data.config import SyntheticTask
-from pipelines.data.tasks import copy, forgetting_mqar, mqar, selective_copy
+from pipelines.data.tasks import (
+    copy,
+    forgetting_mqar,
+    mqar,
+    selective_copy,
+    seq2seq_copy,
+    seq2seq_mqar,
+    seq2seq_recall,
+)
 from pipelines.data.tasks.common import Batch
 
 GENERATORS: dict[str, Callable[[Any, int, int], Batch]] = {
@@ -18,6 +28,10 @@ GENERATORS: dict[str, Callable[[Any, int, int], Batch]] = {
     "forgetting_mqar": forgetting_mqar.generate,
     "copy": copy.generate,
     "selective_copy": selective_copy.generate,
+    "seq2seq_mqar": seq2seq_mqar.generate,
+    "seq2seq_copy": seq2seq_copy.generate,
+    "seq2seq_reverse": seq2seq_copy.generate,
+    "seq2seq_recall": seq2seq_recall.generate,
 }
 
 

@@ -6,7 +6,7 @@ examples, which is what makes generation fast enough to skip a download.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -87,23 +87,31 @@ def mixture(
     num_examples: int,
     rng: np.random.Generator,
     make_part: Callable[[Part, int, np.random.Generator], Batch],
-    width: int,
+    width: int | Mapping[str, int],
 ) -> Batch:
     """Generate every part of a length mixture, pad rows to `width`, and shuffle the rows.
 
-    Padding: inputs with `PAD` (0), labels with `IGNORE` (-100), so padded positions are never
-    scored; a model sees trailing zeros after a short example, which carry no information.
+    `width` is one width for every `[N, T]` column, or a width per column name (a sequence-to-
+    sequence task's `context` and decoder `inputs` differ). Padding: labels with `IGNORE` (-100),
+    so padded positions are never scored, the others with `PAD` (0); a model sees trailing zeros
+    after a short example, which carry no information.
     """
     counts = split_evenly(num_examples, len(parts))
     pieces = [make_part(part, count, rng) for part, count in zip(parts, counts, strict=True)]
-    batch = {name: _stack(name, [piece[name] for piece in pieces], width) for name in pieces[0]}
+    widths = width if isinstance(width, Mapping) else {name: width for name in pieces[0]}
+    batch = {
+        name: _stack(name, [piece[name] for piece in pieces], widths.get(name))
+        for name in pieces[0]
+    }
     order = rng.permutation(num_examples)
     return {name: column[order] for name, column in batch.items()}
 
 
-def _stack(name: str, columns: list[np.ndarray], width: int) -> np.ndarray:
+def _stack(name: str, columns: list[np.ndarray], width: int | None) -> np.ndarray:
     if columns[0].ndim == 1:
         return np.concatenate(columns)
+    if width is None:
+        raise ValueError(f"mixture: no padded width given for column {name!r}")
     fill = IGNORE if name == "labels" else PAD
     return np.concatenate([_pad(column, width, fill) for column in columns], axis=0)
 
@@ -120,6 +128,7 @@ def row_hashes(batch: Batch) -> np.ndarray:
     Position weights come from splitmix64 of the position, and padding (input 0, target -100)
     contributes nothing, so an example padded to 128 and to 256 hashes alike; `seq_len` tells
     trailing zero tokens from padding. Used to drop test rows that also occur in training.
+    A sequence-to-sequence row's `context` (padded with 0 too) counts with weights of its own.
     """
     inputs, labels = batch["inputs"], batch["labels"]
     positions = np.arange(inputs.shape[1], dtype=np.uint64)
@@ -127,6 +136,10 @@ def row_hashes(batch: Batch) -> np.ndarray:
         total = inputs.astype(np.uint64) @ _splitmix64(2 * positions)
         total += (labels - IGNORE).astype(np.uint64) @ _splitmix64(2 * positions + 1)
         total += batch["seq_len"].astype(np.uint64) * _splitmix64(np.array([2**62], np.uint64))
+        if "context" in batch:
+            context = batch["context"]
+            slots = np.arange(context.shape[1], dtype=np.uint64) + np.uint64(2**61)
+            total += context.astype(np.uint64) @ _splitmix64(slots)
     return _splitmix64(total).view(np.int64)
 
 
