@@ -191,6 +191,10 @@ class EncoderDecoderState:
             out |= {f"decoder.{index}.{name}": t for name, t in layer.tensors().items()}
         return out
 
+    def memories(self) -> list[MemoryState]:
+        """The memories a client may inspect: the cross memory, then one per decoder block."""
+        return [self.memory, *self.decoder.layers]
+
     @classmethod
     def stack(cls, states: Sequence[EncoderDecoderState]) -> EncoderDecoderState:
         memory = CrossMemoryState.stack([s.memory for s in states])

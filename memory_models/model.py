@@ -86,6 +86,19 @@ class ModelState:
     def select(self, index: Tensor) -> ModelState:
         return ModelState([s.select(index) for s in self.layers])
 
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor under a flat name (`0.keys`, `1.hidden`): what a codec writes;
+        `SequenceModel.state_from_tensors` reads it back."""
+        return {
+            f"{index}.{name}": tensor
+            for index, layer in enumerate(self.layers)
+            for name, tensor in layer.tensors().items()
+        }
+
+    def memories(self) -> list[MemoryState]:
+        """The memories a client may inspect, one per block."""
+        return list(self.layers)
+
 
 class Block(nn.Module):
     def __init__(self, config: SequenceModelConfig) -> None:
@@ -191,6 +204,15 @@ class SequenceModel(nn.Module):
         losses = [b.memory.auxiliary_loss() for b in self.blocks]
         losses = [loss for loss in losses if loss is not None]
         return torch.stack(losses).sum() if losses else None
+
+    def state_from_tensors(self, tensors: dict[str, Tensor]) -> ModelState:
+        """The inverse of `ModelState.tensors()`."""
+        layers = []
+        for index, block in enumerate(self.blocks):
+            prefix = f"{index}."
+            fields = {k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)}
+            layers.append(block.memory.state_type(**fields))
+        return ModelState(layers)
 
     def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         """Memory held per sequence after `seq_len` tokens, all blocks together."""

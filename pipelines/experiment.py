@@ -127,6 +127,16 @@ class ExperimentConfig(Strict):
     def run_name(self) -> str:
         return self.run.name or f"{self.recipe}-{self.model.memory.kind}"
 
+    def state_bytes_per_sequence(self, model: Any = None) -> int:
+        """The memory one sequence holds after a row of the task (and, for a sequence-to-sequence
+        task, its encoded context): the x axis of the accuracy-versus-state-size picture."""
+        model = model if model is not None else self.model.build()
+        task = self.data.task
+        context = getattr(task, "context_width", None)
+        if context is None:
+            return model.state_size_bytes(task.row_width)
+        return model.state_size_bytes(task.row_width, context_len=context)
+
     def with_absolute_paths(self) -> ExperimentConfig:
         """Ray workers and Tune trials run in other working directories: pin every relative
         path (data cache, run storage, the default SQLite store) to this process's directory."""

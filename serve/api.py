@@ -46,6 +46,8 @@ from serve.schema import (
     MAX_IDEMPOTENCY_KEY,
     AppendRequest,
     AppendResponse,
+    EncodeRequest,
+    EncodeResponse,
     ErrorBody,
     GenerateRequest,
     GenerateResponse,
@@ -54,6 +56,7 @@ from serve.schema import (
     PredictRequest,
     PredictResponse,
     SessionInfo,
+    TokensOrText,
 )
 
 T = TypeVar("T")
@@ -81,6 +84,7 @@ class RequestModels:
 
     predict: type[PredictRequest]
     append: type[AppendRequest]
+    encode: type[EncodeRequest]
     generate: type[GenerateRequest]
 
 
@@ -104,13 +108,16 @@ def request_models(limits: Limits, facts: ModelFacts) -> RequestModels:
         tokens=(sequence | None, None),
         top_k=(top_k, 5),
     )
+    context_limit = {"maxItems": limits.max_context_tokens}  # beyond: 413
+    context = Annotated[list[token], Field(min_length=1, json_schema_extra=context_limit)]
+    encode = create_model("EncodeRequest", __base__=EncodeRequest, tokens=(context | None, None))
     generate = create_model(
         "GenerateRequest",
         __base__=GenerateRequest,
         max_new_tokens=(int, Field(16, ge=1, le=limits.max_new_tokens)),
         top_k=(top_k | None, None),
     )
-    return RequestModels(predict, append, generate)
+    return RequestModels(predict, append, encode, generate)
 
 
 def build_api(gateway: Gateway, limits: Limits, facts: ModelFacts, api_key: str | None) -> FastAPI:
@@ -190,6 +197,17 @@ def build_api(gateway: Gateway, limits: Limits, facts: ModelFacts, api_key: str 
         )
         return await _within(deadline, call)
 
+    @app.post("/v1/sessions/{session_id}/encode", tags=["sessions"], dependencies=guarded)
+    async def encode(
+        session_id: str, body: bodies.encode, request_id: Idempotency = None
+    ) -> EncodeResponse:
+        """Encoder-decoder models: write a context into the session's memory once; later appends
+        and generations read it without sending it again."""
+        checks.session_id(session_id)
+        context = checks.context_tokens(body)
+        call = gateway.call("encode", session_id, context, request_id, session_id=session_id)
+        return await _within(deadline, call)
+
     @app.post("/v1/sessions/{session_id}/generate", tags=["sessions"], dependencies=guarded)
     async def generate(
         session_id: str, body: bodies.generate, request_id: Idempotency = None
@@ -240,13 +258,23 @@ class Checks:
         return wanted
 
     def append_tokens(self, body: AppendRequest) -> list[int]:
-        if body.text is not None:
-            tokens = text_tokens(body.text, self.facts.vocab_size)
-        else:
-            assert body.tokens is not None  # the schema asks for exactly one of the two
-            tokens = body.tokens
+        tokens = self._tokens(body)
         self.size(1, len(tokens))
         return tokens
+
+    def context_tokens(self, body: EncodeRequest) -> list[int]:
+        tokens = self._tokens(body)
+        if len(tokens) > self.limits.max_context_tokens:
+            raise TooLarge(
+                f"{len(tokens)} context tokens; at most {self.limits.max_context_tokens} per encode"
+            )
+        return tokens
+
+    def _tokens(self, body: TokensOrText) -> list[int]:
+        if body.text is not None:
+            return text_tokens(body.text, self.facts.vocab_size)
+        assert body.tokens is not None  # the schema asks for exactly one of the two
+        return body.tokens
 
     def size(self, sequences: int, tokens: int) -> None:
         limits = self.limits

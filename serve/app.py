@@ -77,6 +77,10 @@ class MemlabModel:
         await self._hold_routed()
         return await self.service.append(session_id, tokens, top_k, request_id)
 
+    async def encode(self, session_id: str, context, request_id: str | None):
+        await self._hold_routed()
+        return await self.service.encode(session_id, context, request_id)
+
     async def generate(self, session_id: str, request: GenerateRequest, request_id: str | None):
         await self._hold_routed()
         return await self.service.generate(session_id, request, request_id)

@@ -26,6 +26,7 @@ class Limits(Strict):
     """What one request may ask. Beyond a limit the answer is 413 (size) or 422 (a bad value)."""
 
     max_tokens_per_request: int = Field(default=4096, ge=1)
+    max_context_tokens: int = Field(default=65_536, ge=1, description="one encode request")
     max_sequences_per_request: int = Field(default=64, ge=1)
     max_new_tokens: int = Field(default=256, ge=1)
     max_top_k: int = Field(default=50, ge=1)

@@ -14,38 +14,42 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from memory_models.model import ModelState, SequenceModel
+from memory_models.architectures import TokenModel
 
 
 @dataclass(frozen=True)
 class Step:
     tokens: Tensor  # [T] long
-    state: ModelState  # batch 1
+    state: Any  # the model's state for one sequence (ModelState or EncoderDecoderState)
 
 
 @dataclass(frozen=True)
 class StepResult:
     logits: Tensor  # [T, vocab]
-    state: ModelState  # batch 1
+    state: Any  # the model's state for one sequence (ModelState or EncoderDecoderState)
 
 
 @torch.inference_mode()
-def run_steps(model: SequenceModel, steps: list[Step]) -> list[StepResult]:
+def run_steps(model: TokenModel, steps: list[Step]) -> list[StepResult]:
     """Results in the order of `steps`; one forward per distinct length."""
     if chunk_invariant(model):
         return _lockstep(model, steps)
     return _by_length(model, steps)
 
 
-def chunk_invariant(model: SequenceModel) -> bool:
-    return all(block.memory.chunk_invariant() for block in model.blocks)
+def chunk_invariant(model: TokenModel) -> bool:
+    """Every self-memory is chunk invariant, and no cross memory forgets at call ends."""
+    cross = getattr(model.config, "cross_memory", None)
+    forgets = cross is not None and cross.forget_threshold > 0
+    return not forgets and all(block.memory.chunk_invariant() for block in model.blocks)
 
 
-def _lockstep(model: SequenceModel, steps: list[Step]) -> list[StepResult]:
+def _lockstep(model: TokenModel, steps: list[Step]) -> list[StepResult]:
     states = [step.state for step in steps]
     done = [0] * len(steps)
     pieces: list[list[Tensor]] = [[] for _ in steps]
@@ -53,7 +57,7 @@ def _lockstep(model: SequenceModel, steps: list[Step]) -> list[StepResult]:
     while active:
         width = min(steps[i].tokens.shape[0] - done[i] for i in active)
         tokens = torch.stack([steps[i].tokens[done[i] : done[i] + width] for i in active])
-        logits, state = model(tokens, ModelState.stack([states[i] for i in active]))
+        logits, state = model(tokens, _stack([states[i] for i in active]))
         for i, row, part in zip(active, logits, state.split(1), strict=True):
             pieces[i].append(row)
             states[i], done[i] = part, done[i] + width
@@ -61,7 +65,7 @@ def _lockstep(model: SequenceModel, steps: list[Step]) -> list[StepResult]:
     return [StepResult(torch.cat(p), s) for p, s in zip(pieces, states, strict=True)]
 
 
-def _by_length(model: SequenceModel, steps: list[Step]) -> list[StepResult]:
+def _by_length(model: TokenModel, steps: list[Step]) -> list[StepResult]:
     by_length: dict[int, list[int]] = defaultdict(list)
     for index, step in enumerate(steps):
         by_length[step.tokens.shape[0]].append(index)
@@ -73,8 +77,12 @@ def _by_length(model: SequenceModel, steps: list[Step]) -> list[StepResult]:
     return results  # type: ignore[return-value]
 
 
-def _run_group(model: SequenceModel, steps: list[Step]) -> list[StepResult]:
+def _run_group(model: TokenModel, steps: list[Step]) -> list[StepResult]:
     tokens = torch.stack([step.tokens for step in steps])  # [G, T]
-    state = ModelState.stack([step.state for step in steps])
+    state = _stack([step.state for step in steps])
     logits, state = model(tokens, state)  # [G, T, vocab]
     return [StepResult(row, part) for row, part in zip(logits, state.split(1), strict=True)]
+
+
+def _stack(states: list[Any]) -> Any:
+    return type(states[0]).stack(states)

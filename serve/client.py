@@ -27,6 +27,8 @@ from serve.schema import (
     IDEMPOTENCY_HEADER,
     AppendRequest,
     AppendResponse,
+    EncodeRequest,
+    EncodeResponse,
     GenerateRequest,
     GenerateResponse,
     Health,
@@ -93,6 +95,18 @@ class MemlabClient:
         body = AppendRequest(tokens=tokens, text=text, top_k=top_k)
         path = f"/v1/sessions/{session_id}/append"
         return self._call("POST", path, AppendResponse, body, retry=True, request_id=request_id)
+
+    def encode(
+        self,
+        session_id: str,
+        tokens: list[int] | None = None,
+        text: str | None = None,
+        request_id: str | None = None,
+    ) -> EncodeResponse:
+        """Write a context into an encoder-decoder session's memory (once, then ask many times)."""
+        body = EncodeRequest(tokens=tokens, text=text)
+        path = f"/v1/sessions/{session_id}/encode"
+        return self._call("POST", path, EncodeResponse, body, retry=True, request_id=request_id)
 
     def generate(
         self,

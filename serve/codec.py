@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from memory_models.model import ModelState, SequenceModel
+from memory_models.architectures import TokenModel
 
 LOGITS = "next_logits"
 _LENGTH_BYTES = 8
@@ -25,17 +26,13 @@ class SessionMemory:
     """One session: its model state (batch 1) and the logits for the token after its last one
     (`None` until it has read something)."""
 
-    state: ModelState
+    state: Any  # ModelState, or EncoderDecoderState: batch-first tensors behind `tensors()`
     next_logits: Tensor | None  # [vocab]
     tokens_seen: int
 
 
 def encode(memory: SessionMemory) -> bytes:
-    tensors = {
-        f"{index}.{name}": tensor
-        for index, layer in enumerate(memory.state.layers)
-        for name, tensor in layer.tensors().items()
-    }
+    tensors = dict(memory.state.tensors())
     if memory.next_logits is not None:
         tensors[LOGITS] = memory.next_logits
     # `contiguous` + raw bytes: a state split out of a batch is a view of the whole batch.
@@ -48,7 +45,7 @@ def encode(memory: SessionMemory) -> bytes:
     return len(header).to_bytes(_LENGTH_BYTES, "little") + header + b"".join(raw)
 
 
-def decode(blob: bytes, model: SequenceModel) -> SessionMemory:
+def decode(blob: bytes, model: TokenModel) -> SessionMemory:
     size = int.from_bytes(blob[:_LENGTH_BYTES], "little")
     header = json.loads(blob[_LENGTH_BYTES : _LENGTH_BYTES + size])
     buffer = bytearray(blob[_LENGTH_BYTES + size :])  # writable: torch.frombuffer wants one
@@ -58,21 +55,12 @@ def decode(blob: bytes, model: SequenceModel) -> SessionMemory:
         count = _numel(shape) * dtype.itemsize
         tensors[key] = _tensor(buffer, offset, count, dtype, shape)
         offset += count
-    return SessionMemory(_state(model, tensors), tensors.get(LOGITS), int(header["tokens_seen"]))
+    logits = tensors.pop(LOGITS, None)
+    return SessionMemory(model.state_from_tensors(tensors), logits, int(header["tokens_seen"]))
 
 
-def empty(model: SequenceModel) -> SessionMemory:
+def empty(model: TokenModel) -> SessionMemory:
     return SessionMemory(model.init_state(1), None, 0)
-
-
-def _state(model: SequenceModel, tensors: dict[str, Tensor]) -> ModelState:
-    layers = []
-    for index, block in enumerate(model.blocks):
-        kind = block.memory.state_type
-        prefix = f"{index}."
-        fields = {k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)}
-        layers.append(kind(**fields))
-    return ModelState(layers)
 
 
 def _tensor(buffer: bytearray, offset: int, count: int, dtype: torch.dtype, shape) -> Tensor:

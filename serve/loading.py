@@ -2,7 +2,7 @@
 
 Every memlab model is logged with its checkpoint folder (artifact `checkpoint/`: experiment.json
 and the weights, see `pipelines.train.logged_model.log_sequence_model`). The server downloads that
-folder and rebuilds the `SequenceModel` from the experiment config in it, the same way training
+folder and rebuilds the `TokenModel` from the experiment config in it, the same way training
 resumes, so nothing about the model is restated in deployment files and the pickled copy's class
 layout never matters.
 """
@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from memory_models.model import SequenceModel
+from memory_models.architectures import TokenModel
 from pipelines.checkpoint import CONFIG_FILE, is_checkpoint, load_model, read_config
 from pipelines.experiment import ExperimentConfig
 from pipelines.train.logged_model import CHECKPOINT_ARTIFACT
@@ -45,7 +43,7 @@ class Provenance:
 
 @dataclass(frozen=True)
 class ServedModel:
-    model: SequenceModel
+    model: TokenModel
     config: ExperimentConfig
     provenance: Provenance
 
@@ -151,7 +149,7 @@ def _registry_entry(client, model_uri: str) -> tuple[str | None, str | None, dic
 
 def _download_and_rebuild(
     provenance: Provenance, tracking_uri: str | None
-) -> tuple[SequenceModel, ExperimentConfig]:
+) -> tuple[TokenModel, ExperimentConfig]:
     import mlflow
 
     with tempfile.TemporaryDirectory() as folder:
@@ -183,4 +181,4 @@ def card_config(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def state_bytes_per_sequence(served: ServedModel) -> int:
-    return served.model.state_size_bytes(served.config.data.task.row_width, torch.float32)
+    return served.config.state_bytes_per_sequence(served.model)

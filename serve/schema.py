@@ -81,13 +81,16 @@ class SessionInfo(Response):
     session_id: str
     tokens_seen: int
     state_bytes: int = Field(description="bytes of the memory state kept for this session")
-    live_slots: list[int] = Field(description="live memory entries, one count per layer")
+    live_slots: list[int] = Field(
+        description="live memory entries, one count per memory (an encoder-decoder model's "
+        "encoded context first, then one per layer)"
+    )
     memory: dict[str, float] = Field(description="the mechanism's own state metrics per layer")
     idle_ttl_s: float
     version: int = Field(description="number of updates committed to this session")
 
 
-class AppendRequest(Request):
+class TokensOrText(Request):
     """Give `tokens` or `text` (UTF-8 bytes as tokens, for byte-level models), not both."""
 
     # "tokens xor text" in the schema too, as the validator below enforces it.
@@ -97,13 +100,29 @@ class AppendRequest(Request):
 
     tokens: Tokens | None = Field(default=None, min_length=1)
     text: str | None = Field(default=None, min_length=1)
-    top_k: int = Field(default=5, ge=1)
 
     @model_validator(mode="after")
-    def _one_source(self) -> AppendRequest:
+    def _one_source(self) -> TokensOrText:
         if (self.tokens is None) == (self.text is None):
             raise ValueError("give exactly one of 'tokens' or 'text'")
         return self
+
+
+class AppendRequest(TokensOrText):
+    """Tokens (or text) to feed into the session's memory."""
+
+    top_k: int = Field(default=5, ge=1)
+
+
+class EncodeRequest(TokensOrText):
+    """The context to write into an encoder-decoder session's memory."""
+
+
+class EncodeResponse(Response):
+    session_id: str
+    context_tokens: int = Field(description="tokens of context the encoder read")
+    slots: int = Field(description="memory slots the context was written into")
+    state_bytes: int = Field(description="bytes of the session's whole state after encoding")
 
 
 class AppendResponse(Response):

@@ -11,8 +11,8 @@ request's idempotency key, so a retried request is answered, not applied again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -23,6 +23,7 @@ from serve import codec
 from serve.args import SessionSettings
 from serve.batching import Step, StepResult
 from serve.errors import (
+    BadRequest,
     ServeError,
     SessionBusy,
     SessionConflict,
@@ -36,6 +37,7 @@ from serve.schema import (
     AppendResponse,
     CompletionChoice,
     CompletionResult,
+    EncodeResponse,
     GenerateRequest,
     GenerateResponse,
     Health,
@@ -130,6 +132,31 @@ class MemlabService:
             return updated, answer
 
         return await self._update(session_id, request_id, step, AppendResponse)
+
+    async def encode(
+        self, session_id: str, context: list[int], request_id: str | None
+    ) -> EncodeResponse:
+        """Write a context into an encoder-decoder session's memory (encode once): it replaces
+        the encoded memory; what the decoder has read stays. Later appends read it."""
+        encoder = getattr(self.served.model, "encode", None)
+        if encoder is None:
+            raise BadRequest(
+                "this model has no encoder (model.architecture is decoder_only): append the "
+                "context instead"
+            )
+
+        async def step(memory: codec.SessionMemory):
+            encoded = await asyncio.to_thread(_encoded, encoder, context)
+            updated = dataclasses.replace(memory, state=memory.state.with_memory(encoded))
+            answer = EncodeResponse(
+                session_id=session_id,
+                context_tokens=len(context),
+                slots=int(encoded.live_entries().sum()),
+                state_bytes=updated.state.nbytes(),
+            )
+            return updated, answer
+
+        return await self._update(session_id, request_id, step, EncodeResponse)
 
     async def generate(
         self, session_id: str, request: GenerateRequest, request_id: str | None
@@ -334,7 +361,7 @@ def _meta(memory: codec.SessionMemory) -> dict[str, Any]:
     return {
         "tokens_seen": memory.tokens_seen,
         "state_bytes": state.nbytes(),
-        "live_slots": [int(layer.live_entries().sum()) for layer in state.layers],
+        "live_slots": [int(part.live_entries().sum()) for part in state.memories()],
         "memory": state.metrics(),
     }
 
@@ -353,12 +380,17 @@ def _at_positions(logits: Tensor, positions: list[int], k: int) -> list[Position
     return out
 
 
+@torch.inference_mode()
+def _encoded(encode: Callable[[Tensor], Any], context: list[int]) -> Any:
+    return encode(torch.tensor([context]))
+
+
 def _require_something_read(memory: codec.SessionMemory) -> None:
     if memory.next_logits is None:
         raise SessionConflict("the session has read nothing yet: append tokens first")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TextPiece:
     """Text generated for choice `index` so far (`tokens` counts them); the last piece of a
     choice has its `finish_reason` and the memory after it."""

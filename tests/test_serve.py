@@ -1002,3 +1002,58 @@ def test_openai_refusals_are_clear_4xx(server, openai_client):
         openai_client.completions.create(model=name, prompt="a", max_tokens=65)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server[0]}/v1", api_key="x", max_retries=0).models.list()
+
+
+# Encoder-decoder sessions: encode a context once, ask many times.
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_a_session_encodes_a_context_once_and_answers_from_it(server, tmp_path):
+    """Two sessions with different contexts answer the same query differently, each exactly as
+    the model does with that context's memory; a session without one reads an empty memory."""
+    from pipelines.recipes import debug_encdec
+    from pipelines.train.publish import publish
+    from serve.loading import load_served_model
+    from serve.local import start_local, stop_local
+
+    tracking = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    config = apply_overrides(
+        debug_encdec(), {"tracking.tracking_uri": tracking, "run.name": "serve-encdec"}
+    )
+    published = publish(config, "memlab-serve-encdec", steps=2)
+    args = server[3].model_copy(
+        update={"model_uri": published.champion_uri, "tracking_uri": tracking}
+    )
+    port, name = int(server[0].rsplit(":", 1)[1]), f"{APP}-encdec"
+    url = start_local(args, port=port, name=name, route_prefix="/encdec")
+    model = load_served_model(published.champion_uri, tracking).model
+    contexts, query = ([10, 200, 11, 201], [12, 202, 13, 203]), [10, 11, 12]
+    try:
+        with MemlabClient(url, api_key=KEY) as client:
+            answers = []
+            for context in contexts:
+                session = client.create_session().session_id
+                encoded = client.encode(session, tokens=context)
+                assert encoded.context_tokens == 4 and encoded.slots > 0
+                assert client.inspect(session).live_slots[0] == encoded.slots
+                answers.append(client.append(session, tokens=query, top_k=4))
+                again = client.append(session, tokens=query, top_k=4)  # the memory is kept
+                with torch.no_grad():
+                    state = model.init_state(1).with_memory(model.encode(torch.tensor([context])))
+                    first, state = model(torch.tensor([query]), state)
+                    second, _ = model(torch.tensor([query]), state)
+                assert _close(answers[-1].next, first[0, -1].softmax(-1))
+                assert _close(again.next, second[0, -1].softmax(-1))
+            assert answers[0].next.probs != answers[1].next.probs
+            bare = client.append(client.create_session().session_id, tokens=query, top_k=4)
+            with torch.no_grad():
+                alone = model(torch.tensor([query]))[0][0, -1].softmax(-1)
+            assert _close(bare.next, alone)
+        with MemlabClient(server[0], api_key=KEY) as decoder_only:
+            session = decoder_only.create_session().session_id
+            with pytest.raises(MemlabHTTPError, match="no encoder") as refused:
+                decoder_only.encode(session, tokens=[1, 2])
+            assert refused.value.status == 400
+    finally:
+        stop_local(name)

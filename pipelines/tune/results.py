@@ -53,7 +53,7 @@ def _row(config: ExperimentConfig, params: dict, history, error) -> dict[str, An
         "memory_size": memory.memory_size,
         "forget_threshold": memory.forget_threshold,
         **{key: value for key, value in params.items() if not key.startswith(MEMORY_PREFIX)},
-        "state_bytes": config.model.build().state_size_bytes(config.data.task.row_width),
+        "state_bytes": config.state_bytes_per_sequence(),
         "val_accuracy": _best(history, "val_accuracy", max),
         "val_loss": _best(history, "val_loss", min),
         "epochs": _best(history, "epoch", max),
