@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from memory_models.cached_attention import FusedQKVLayer
-from memory_models.common import require_rotary_heads
+from memory_models.common import merge_heads, require_rotary_heads
 from memory_models.layer import MemoryConfig
 from memory_models.slot_cache import (
     empty_cache,
@@ -110,7 +110,7 @@ class AttentionLayer(FusedQKVLayer):
         read = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), visible[:, None]
         )  # [B, H, T, Dh]
-        y = self.out(read.transpose(1, 2).flatten(2))
+        y = self.out(merge_heads(read))
         share = self._share(q, keys, visible, state.share)
         return y, self._evict(state, keys, values, chunk_pos, share)
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from memory_models.cached_attention import CachedAttentionLayer
-from memory_models.common import chunk_positions, require_rotary_heads, rotary
+from memory_models.common import chunk_positions, merge_heads, require_rotary_heads, rotary
 from memory_models.layer import MemoryConfig
 from memory_models.slot_cache import (
     empty_cache,
@@ -212,7 +212,7 @@ class ReformerLayer(CachedAttentionLayer):
         reads = self._lsh_attention(items, x.shape[1])
         weights = reads.lse.softmax(dim=2)  # [B, H, R, T]: the rounds' weights
         read = (weights[..., None] * reads.reads).sum(2)  # [B, H, T, Dh]
-        y = self.out(read.transpose(1, 2).flatten(2))
+        y = self.out(merge_heads(read))
         share = self._share(items.share, reads, weights)
         return y, self._evict(state, items, share)
 
