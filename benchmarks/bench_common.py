@@ -8,15 +8,19 @@ numbers, without which a throughput figure cannot be compared with another.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -64,6 +68,35 @@ def write_json(name: str, payload: dict[str, Any], results_dir: Path = RESULTS_D
     return path
 
 
+def write_results(
+    name: str,
+    machine: dict[str, Any],
+    sizes: dict[str, Any],
+    rows: Sequence[Any],
+    note: str | None = None,
+    **more: Any,
+) -> None:
+    """Write the results file `name` (see `write_json`) and log where: the machine, the sizes,
+    the `note` on how to read them, one record per row (dataclasses), then `more` entries."""
+    payload: dict[str, Any] = {"machine": machine, "sizes": sizes}
+    if note is not None:
+        payload["note"] = note
+    payload["results"] = [dataclasses.asdict(row) for row in rows]
+    log(f"wrote {write_json(name, payload | more)}")
+
+
+def run_each(
+    items: Sequence[T], measure: Callable[[T], R], label: Callable[[T], str] = str
+) -> list[R]:
+    """`measure(item)` for each item in turn, logging `[i/n] label(item)` before each: a long
+    benchmark shows its progress."""
+    results = []
+    for index, item in enumerate(items, start=1):
+        log(f"[{index}/{len(items)}] {label(item)}")
+        results.append(measure(item))
+    return results
+
+
 def format_table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
     """Plain-text table: the first `left` columns left-aligned (names), the rest right-aligned."""
     widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
@@ -75,6 +108,18 @@ def format_table(headers: list[str], rows: list[list[str]], left: int = 1) -> st
         )
 
     return "\n".join([line(headers), line(["-" * width for width in widths]), *map(line, rows)])
+
+
+def add_timing_options(
+    parser: argparse.ArgumentParser, repeats: int, threads: str, warmup: int | None = None
+) -> None:
+    """The options of a timed benchmark: untimed warm-up runs (where it has them), timed runs
+    whose median is reported, the threads (`threads` says whose), and `--quick`."""
+    if warmup is not None:
+        parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed runs (median reported)")
+    parser.add_argument("--threads", type=int, default=1, help=threads)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
 
 
 def parse_with_quick(

@@ -25,12 +25,14 @@ from typing import Any
 
 import torch
 from bench_common import (
+    add_timing_options,
     format_table,
     log,
     machine_info,
     median_seconds,
     parse_with_quick,
-    write_json,
+    run_each,
+    write_results,
 )
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -247,12 +249,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--n-layers", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs (median reported)")
     parser.add_argument("--ref-repeats", type=int, default=3, help="timed reference_forward runs")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     parser.add_argument("--kinds", nargs="+", choices=list(REGISTRY), help="default: all")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    add_timing_options(parser, repeats=5, threads="torch threads, both sides", warmup=2)
     return parse_with_quick(parser, argv, QUICK)
 
 
@@ -266,10 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = sizes_from(args)
     kinds = args.kinds or list(REGISTRY)
     log(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) on both sides; {sizes}")
-    rows = []
-    for index, kind in enumerate(kinds, start=1):
-        log(f"[{index}/{len(kinds)}] {kind}")
-        rows.append(measure_kind(kind, sizes, log))
+    rows = run_each(kinds, lambda kind: measure_kind(kind, sizes, log))
     lengths = (sizes.seq_len,) if args.quick else GROWTH_LENGTHS
     log(f"state held per sequence after streaming T tokens in segments of {GROWTH_SEGMENT}...")
     growth = {kind: state_growth(kind, sizes, lengths) for kind in kinds}
@@ -278,14 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     log(textwrap.fill(NOTE.format(seq_len=sizes.seq_len), width=100))
     log("")
     log(growth_table(growth))
-    payload = {
-        "machine": machine_info(torch=torch.__version__, torch_threads=torch.get_num_threads()),
-        "sizes": dataclasses.asdict(sizes) | {"vocab_size": VOCAB_SIZE},
-        "note": NOTE.format(seq_len=sizes.seq_len),
-        "results": [dataclasses.asdict(row) for row in rows],
-        "state_bytes_by_length": growth,
-    }
-    log(f"wrote {write_json('models.json', payload)}")
+    write_results(
+        "models.json",
+        machine_info(torch=torch.__version__, torch_threads=torch.get_num_threads()),
+        dataclasses.asdict(sizes) | {"vocab_size": VOCAB_SIZE},
+        rows,
+        note=NOTE.format(seq_len=sizes.seq_len),
+        state_bytes_by_length=growth,
+    )
 
 
 if __name__ == "__main__":

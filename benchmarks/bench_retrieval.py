@@ -28,12 +28,13 @@ import time
 import numpy as np
 import torch
 from bench_common import (
+    add_timing_options,
     format_table,
     log,
     machine_info,
     median_seconds,
     parse_with_quick,
-    write_json,
+    write_results,
 )
 from torch import Tensor
 
@@ -156,10 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ef-search", type=int, default=128)
     parser.add_argument("--probes", type=int, default=16, help="IVF lists searched (nprobe)")
     parser.add_argument("--hnsw-max-entries", type=int, default=100_000)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
-    parser.add_argument("--threads", type=int, default=1, help="torch and faiss threads")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    add_timing_options(parser, repeats=3, threads="torch and faiss threads", warmup=1)
     return parse_with_quick(parser, argv, QUICK)
 
 
@@ -177,15 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     log("")
     log(table(rows, args.k))
     log(textwrap.fill(note, width=100))
-    payload = {
-        "machine": machine_info(
-            torch=torch.__version__, faiss=faiss.__version__, threads=args.threads
-        ),
-        "sizes": {name: value for name, value in vars(args).items() if name != "quick"},
-        "note": note,
-        "results": [dataclasses.asdict(row) for row in rows],
-    }
-    log(f"wrote {write_json('retrieval.json', payload)}")
+    write_results(
+        "retrieval.json",
+        machine_info(torch=torch.__version__, faiss=faiss.__version__, threads=args.threads),
+        {name: value for name, value in vars(args).items() if name != "quick"},
+        rows,
+        note=note,
+    )
 
 
 if __name__ == "__main__":

@@ -41,18 +41,21 @@ from collections.abc import Callable
 
 import torch
 from bench_common import (
+    add_timing_options,
     format_table,
     log,
     machine_info,
     median_seconds,
     parse_with_quick,
-    write_json,
+    run_each,
+    write_results,
 )
 from torch import Tensor
 from torch.nn import functional as F
 
 from memory_models.model import SequenceModelConfig
 from memory_models.registry import REGISTRY, memory_config
+from memory_models.saved_activations import saved_for_backward
 
 VOCAB_SIZE = 256
 MB = 2**20
@@ -162,17 +165,9 @@ def peak_rss_above_start(run: Callable[[], None]) -> float:
 
 def saved_for_backward_mb(loss: Callable[[], Tensor]) -> float:
     """What the forward leaves for the backward (the recomputation's own saves are transient)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        value = loss()
+    value, held = saved_for_backward(loss)
     value.backward()
-    return sum(storages.values()) / MB
+    return held / MB
 
 
 def cuda_peak_mb(run: Callable[[], None]) -> float:
@@ -269,11 +264,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps (median reported)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    add_timing_options(parser, repeats=3, threads="torch threads")
     # Internal: one part of one setting (the setting as JSON), run by `run_part`.
     parser.add_argument("--memory", help=argparse.SUPPRESS)
     parser.add_argument("--time", help=argparse.SUPPRESS)
@@ -294,26 +287,23 @@ def main(argv: list[str] | None = None) -> None:
         for reversible in (False, True)
     ]  # fmt: skip
     log(f"torch {torch.__version__} on {args.device}, {args.threads} thread(s); {settings[0]}")
-    rows = []
-    for index, setting in enumerate(settings, start=1):
-        name = "reversible" if setting.reversible else "plain"
-        log(f"[{index}/{len(settings)}] depth {setting.depth}, {name}")
-        rows.append(measure_in_subprocesses(setting))
+    rows = run_each(settings, measure_in_subprocesses, describe)
     log("")
     log(table(rows, args.device))
-    payload = {
-        "machine": machine_info(torch=torch.__version__, torch_threads=args.threads),
-        "sizes": {
-            "kind": args.kind,
-            "batch_size": args.batch_size,
-            "seq_len": args.seq_len,
-            "d_model": args.d_model,
-            "vocab_size": VOCAB_SIZE,
-            "device": args.device,
-        },
-        "results": [dataclasses.asdict(row) for row in rows],
+    sizes = {
+        "kind": args.kind,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "d_model": args.d_model,
+        "vocab_size": VOCAB_SIZE,
+        "device": args.device,
     }
-    log(f"wrote {write_json('reversible.json', payload)}")
+    machine = machine_info(torch=torch.__version__, torch_threads=args.threads)
+    write_results("reversible.json", machine, sizes, rows)
+
+
+def describe(setting: Setting) -> str:
+    return f"depth {setting.depth}, {'reversible' if setting.reversible else 'plain'}"
 
 
 if __name__ == "__main__":

@@ -8,22 +8,25 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
-from memory_models.common import (
-    compact_slots,
-    keep_above_threshold,
-    keep_largest,
-    keep_newest,
-    rotary,
+from memory_models.cached_attention import FusedQKVLayer
+from memory_models.common import merge_heads, require_rotary_heads
+from memory_models.layer import MemoryConfig
+from memory_models.slot_cache import (
+    empty_cache,
+    kept_rows,
+    live_then_chunk,
+    next_cache,
+    reference_kept,
+    slot_bytes,
 )
-from memory_models.layer import MemoryConfig, MemoryLayer
-from memory_models.state import MemoryState
+from memory_models.state import SlotCacheState
 
 
 @dataclasses.dataclass
-class AttentionState(MemoryState):
+class AttentionState(SlotCacheState):
     keys: Tensor  # [B, L, H, Dh] keys of the cached tokens, already rotated at their positions
     values: Tensor  # [B, L, H, Dh]
     positions: Tensor  # [B, L] long: absolute position of each cached token
@@ -33,12 +36,6 @@ class AttentionState(MemoryState):
     share: Tensor
     position: Tensor  # [B] long: tokens seen so far, the position of the next token
     evictions: Tensor  # [B] long: cache entries dropped so far (window, threshold or capacity)
-
-    def live_entries(self) -> Tensor:
-        return self.valid.sum(1)
-
-    def metrics(self) -> dict[str, float]:
-        return {**super().metrics(), "evictions": self.evictions.float().mean().item()}
 
 
 class AttentionConfig(MemoryConfig):
@@ -57,16 +54,11 @@ class AttentionConfig(MemoryConfig):
     rope_base: float = Field(default=10000.0, gt=1.0)
 
     def build(self, d_model: int) -> AttentionLayer:
-        if d_model % self.n_heads != 0 or (d_model // self.n_heads) % 2 != 0:
-            raise ValueError(
-                f"n_heads={self.n_heads} does not fit d_model={d_model}: n_heads must divide "
-                "d_model into an even head width (rotary pairs); pick n_heads so that "
-                "d_model / n_heads is even"
-            )
+        require_rotary_heads(self.n_heads, d_model)
         return AttentionLayer(self, d_model)
 
 
-class AttentionLayer(MemoryLayer):
+class AttentionLayer(FusedQKVLayer):
     """Causal multi-head softmax attention (Vaswani et al., 2017) with rotary positions (Su et
     al., 2021); sliding window as in Longformer (Beltagy et al., 2020); eviction by attention
     share as in H2O (Zhang et al., 2023).
@@ -94,50 +86,17 @@ class AttentionLayer(MemoryLayer):
     state_type = AttentionState
     config: AttentionConfig
 
-    def __init__(self, config: AttentionConfig, d_model: int) -> None:
-        super().__init__(config, d_model)
-        self.n_heads = config.n_heads
-        self.head_dim = d_model // config.n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model)
-
     def init_state(
         self, batch_size: int, device=None, dtype: torch.dtype = torch.float32
     ) -> AttentionState:
-        heads = (batch_size, 0, self.n_heads, self.head_dim)
-        return AttentionState(
-            keys=torch.zeros(heads, device=device, dtype=dtype),
-            values=torch.zeros(heads, device=device, dtype=dtype),
-            positions=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
-            valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
-            share=torch.zeros(batch_size, 0, device=device, dtype=dtype),
-            position=torch.zeros(batch_size, dtype=torch.long, device=device),
-            evictions=torch.zeros(batch_size, dtype=torch.long, device=device),
-        )
+        heads = (self.n_heads, self.head_dim)
+        return AttentionState(**empty_cache(batch_size, device, dtype, heads))
 
     def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         window = self.config.memory_size
         slots = seq_len if window is None else min(seq_len, window)
-        value_bytes = torch.finfo(dtype).bits // 8
-        # Per slot: key and value (H * Dh each), position (long), mask (bool) and share.
-        per_slot = 2 * self.d_model * value_bytes + 8 + 1 + value_bytes
-        return slots * per_slot + 2 * 8  # + position and evictions counters
-
-    def chunk_invariant(self) -> bool:
-        return self.config.forget_threshold == 0.0
-
-    @property
-    def _tracks_share(self) -> bool:
-        return self.config.forget_threshold > 0.0
-
-    def _project(self, x: Tensor, start: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Rotated queries and keys, values, and the chunk's absolute positions `[B, T]`."""
-        batch, steps, _ = x.shape
-        positions = start[:, None] + torch.arange(steps, device=x.device)  # [B, T]
-        qkv = self.qkv(x).view(batch, steps, 3, self.n_heads, self.head_dim)
-        q, k, v = qkv.unbind(2)  # [B, T, H, Dh]
-        base = self.config.rope_base
-        return rotary(q, positions, base), rotary(k, positions, base), v, positions
+        # Per slot: key and value (H * Dh each), position, mask and share.
+        return slots * slot_bytes(2 * self.d_model, dtype) + 2 * 8  # + the two counters
 
     def forward(
         self, x: Tensor, state: AttentionState | None = None
@@ -151,7 +110,7 @@ class AttentionLayer(MemoryLayer):
         read = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), visible[:, None]
         )  # [B, H, T, Dh]
-        y = self.out(read.transpose(1, 2).flatten(2))
+        y = self.out(merge_heads(read))
         share = self._share(q, keys, visible, state.share)
         return y, self._evict(state, keys, values, chunk_pos, share)
 
@@ -193,16 +152,6 @@ class AttentionLayer(MemoryLayer):
             received = scores.softmax(dim=-1).mean(1).amax(1)  # [B, L+T]
             return torch.maximum(previous, received)
 
-    def _keep(self, valid: Tensor, share: Tensor) -> Tensor:
-        """`[B, L+T]` bool: entries that stay cached (candidates are in age order)."""
-        threshold, capacity = self.config.forget_threshold, self.config.memory_size
-        keep = keep_above_threshold(share, valid, threshold)
-        if capacity is None:
-            return keep
-        if threshold == 0.0:
-            return keep_newest(keep, capacity)
-        return keep_largest(keep, share, capacity)
-
     def _evict(
         self, state: AttentionState, keys: Tensor, values: Tensor, chunk_pos: Tensor, share: Tensor
     ) -> AttentionState:
@@ -212,44 +161,18 @@ class AttentionLayer(MemoryLayer):
         valid = torch.cat([state.valid, fresh], dim=1)  # [B, L+T]
         positions = torch.cat([state.positions, chunk_pos], dim=1)
         keep = self._keep(valid, share)
-        (keys, values, positions, share), kept = compact_slots(
-            keep, [keys, values, positions, share]
-        )
+        slots = {"keys": keys, "values": values, "positions": positions, "share": share}
         return AttentionState(
-            keys=keys,
-            values=values,
-            positions=positions,
-            valid=kept,
-            share=share,
-            position=state.position + steps,
-            evictions=state.evictions + (valid.sum(1) - keep.sum(1)),
+            **next_cache(keep, valid, slots, state.position + steps, state.evictions)
         )
-
-    def reference_forward(
-        self, x: Tensor, state: AttentionState | None = None
-    ) -> tuple[Tensor, AttentionState]:
-        """One sequence and one query at a time: list the keys it sees, softmax, weighted sum."""
-        state = self._state_or_init(x, state)
-        q, k, v, chunk_pos = self._project(x, state.position)
-        outputs, rows = [], []
-        for b in range(x.shape[0]):
-            read, row_state = self._reference_row(
-                q[b], k[b], v[b], chunk_pos[b], state.select(torch.tensor([b], device=x.device))
-            )
-            outputs.append(read)
-            rows.append(row_state)
-        y = self.out(torch.stack(outputs).flatten(2))
-        return y, AttentionState.stack(rows)
 
     def _reference_row(
         self, q: Tensor, k: Tensor, v: Tensor, chunk_pos: Tensor, cache: AttentionState
     ) -> tuple[Tensor, AttentionState]:
-        """One sequence: `q, k, v: [T, H, Dh]`, `cache` of batch 1 -> reads `[T, H, Dh]`, cache."""
-        live = cache.valid[0]
-        keys = torch.cat([cache.keys[0][live], k])  # [N, H, Dh]
-        values = torch.cat([cache.values[0][live], v])
-        key_pos = cache.positions[0][live].tolist() + chunk_pos.tolist()
-        share = torch.cat([cache.share[0][live], cache.share.new_zeros(len(chunk_pos))])
+        """One query at a time: list the keys it sees, softmax, weighted sum; then the eviction
+        rule over lists."""
+        entries, key_pos = live_then_chunk(cache, {"keys": k, "values": v}, chunk_pos)
+        keys, values, share = entries["keys"], entries["values"], entries["share"]  # [N, ...]
         reads = []
         for t, query_pos in enumerate(chunk_pos.tolist()):
             seen = self._reference_visible(key_pos, query_pos)
@@ -258,34 +181,14 @@ class AttentionLayer(MemoryLayer):
             reads.append(torch.einsum("hn,nhd->hd", probs, values[seen]))
             if self._tracks_share:
                 share[seen] = torch.maximum(share[seen], probs.mean(0).detach())
-        kept = self._reference_kept(key_pos, share.tolist())
-        row = AttentionState(
-            keys=keys[kept][None],
-            values=values[kept][None],
-            positions=torch.tensor([key_pos[n] for n in kept], dtype=torch.long, device=q.device)[
-                None
-            ],
-            valid=torch.ones(1, len(kept), dtype=torch.bool, device=q.device),
-            share=share[kept][None],
-            position=cache.position + len(chunk_pos),
-            evictions=cache.evictions + len(key_pos) - len(kept),
-        )
-        return torch.stack(reads), row
+        threshold, capacity = self.config.forget_threshold, self.config.memory_size
+        kept = reference_kept(key_pos, share.tolist(), threshold, capacity)
+        position = cache.position + len(chunk_pos)
+        row = kept_rows(kept, entries, key_pos, position, cache.evictions)
+        return torch.stack(reads), AttentionState(**row)
 
     def _reference_visible(self, key_pos: list[int], query_pos: int) -> list[int]:
         """Indices of the keys a query at `query_pos` sees: the newest `memory_size` held ones."""
         held = sorted((n for n, p in enumerate(key_pos) if p <= query_pos), key=key_pos.__getitem__)
         window = self.config.memory_size
         return held if window is None else held[-window:]
-
-    def _reference_kept(self, key_pos: list[int], share: list[float]) -> list[int]:
-        """Indices of the entries that stay cached, oldest first."""
-        threshold, capacity = self.config.forget_threshold, self.config.memory_size
-        kept = [n for n in range(len(key_pos)) if threshold <= 0.0 or share[n] >= threshold]
-        if capacity is not None and len(kept) > capacity:
-            if threshold <= 0.0:
-                order = sorted(kept, key=lambda n: key_pos[n])
-            else:
-                order = sorted(kept, key=lambda n: (share[n], key_pos[n]))
-            kept = order[-capacity:]
-        return sorted(kept, key=lambda n: key_pos[n])

@@ -34,16 +34,6 @@ from torch.nn import functional as F
 Attend = Callable[[Tensor, Tensor, Tensor, Tensor | None, Tensor], tuple[Tensor, Tensor]]
 
 
-def split_heads(x: Tensor, n_heads: int) -> Tensor:
-    """`[B, T, H * D]` -> `[B, H, T, D]`, the layout both forms take."""
-    return x.unflatten(-1, (n_heads, -1)).transpose(1, 2)
-
-
-def merge_heads(x: Tensor) -> Tensor:
-    """`[B, H, T, D]` -> `[B, T, H * D]`."""
-    return x.transpose(1, 2).flatten(2)
-
-
 def snap_log_decay(log_decay: Tensor, threshold: float) -> Tensor:
     """Decays under `threshold` become exactly 0 (log `-inf`): a full reset of what they scale.
 

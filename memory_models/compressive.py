@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Literal, Self
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from memory_models.common import (
+from memory_models.common import chunk_positions, rotary
+from memory_models.layer import MemoryConfig, MemoryLayer
+from memory_models.slot_cache import (
     compact_slots,
+    empty_cache,
     keep_above_threshold,
     keep_largest,
     keep_newest,
-    rotary,
     rows_to_slots,
+    slot_bytes,
 )
-from memory_models.layer import MemoryConfig, MemoryLayer
 from memory_models.state import MemoryState
 
 
@@ -35,6 +38,31 @@ class CompressiveState(MemoryState):
     position: Tensor  # [B] long: tokens seen so far, the position of the next token
     evictions: Tensor  # [B] long: entries dropped for good (threshold or full compressed memory)
     compressions: Tensor  # [B] long: compressed slots created so far
+
+    @classmethod
+    def of(
+        cls,
+        mem: Sequence[Tensor],
+        cmem: Sequence[Tensor],
+        position: Tensor,
+        evictions: Tensor,
+        compressions: Tensor,
+    ) -> Self:
+        """The state from the FIFO's and the compressed memory's `(slots, positions, valid,
+        share)` and the counters."""
+        return cls(
+            mem=mem[0],
+            mem_positions=mem[1],
+            mem_valid=mem[2],
+            mem_share=mem[3],
+            cmem=cmem[0],
+            cmem_positions=cmem[1],
+            cmem_valid=cmem[2],
+            cmem_share=cmem[3],
+            position=position,
+            evictions=evictions,
+            compressions=compressions,
+        )
 
     def live_entries(self) -> Tensor:
         return self.mem_valid.sum(1) + self.cmem_valid.sum(1)
@@ -169,31 +197,14 @@ class CompressiveLayer(MemoryLayer):
     def init_state(
         self, batch_size: int, device=None, dtype: torch.dtype = torch.float32
     ) -> CompressiveState:
-        def long(*shape: int) -> Tensor:
-            return torch.zeros(*shape, dtype=torch.long, device=device)
-
         def empty_slots() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            return (
-                torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype),
-                long(batch_size, 0),
-                torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
-                torch.zeros(batch_size, 0, device=device, dtype=dtype),
-            )
+            cache = empty_cache(batch_size, device, dtype)
+            inputs = torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype)
+            return inputs, cache["positions"], cache["valid"], cache["share"]
 
-        mem, mem_positions, mem_valid, mem_share = empty_slots()
-        cmem, cmem_positions, cmem_valid, cmem_share = empty_slots()
-        return CompressiveState(
-            mem=mem,
-            mem_positions=mem_positions,
-            mem_valid=mem_valid,
-            mem_share=mem_share,
-            cmem=cmem,
-            cmem_positions=cmem_positions,
-            cmem_valid=cmem_valid,
-            cmem_share=cmem_share,
-            position=long(batch_size),
-            evictions=long(batch_size),
-            compressions=long(batch_size),
+        counter = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return CompressiveState.of(
+            empty_slots(), empty_slots(), counter, counter.clone(), counter.clone()
         )
 
     def _groups_after(self, seq_len: int) -> int:
@@ -205,9 +216,8 @@ class CompressiveLayer(MemoryLayer):
         groups = self._groups_after(seq_len)
         mem_slots = seq_len - groups * self.config.compression_rate
         cmem_slots = min(groups, self.config.cmem_len)
-        value_bytes = torch.finfo(dtype).bits // 8
-        # Per slot: the stored input, its position (long), its mask (bool) and its share.
-        per_slot = self.d_model * value_bytes + 8 + 1 + value_bytes
+        # Per slot: the stored input, its position, its mask and its share.
+        per_slot = slot_bytes(self.d_model, dtype)
         return (mem_slots + cmem_slots) * per_slot + 3 * 8  # + position and the two counters
 
     def chunk_invariant(self) -> bool:
@@ -239,7 +249,7 @@ class CompressiveLayer(MemoryLayer):
     def _context(self, x: Tensor, state: CompressiveState) -> tuple[Tensor, ...]:
         """Keys' inputs `[cmem ; mem ; x]`, their positions and mask; the queries' positions."""
         batch, steps, _ = x.shape
-        query_pos = state.position[:, None] + torch.arange(steps, device=x.device)  # [B, T]
+        query_pos = chunk_positions(state.position, steps)  # [B, T]
         fresh = torch.ones(batch, steps, dtype=torch.bool, device=x.device)
         context = torch.cat([state.cmem, state.mem, x], dim=1)  # [B, L, D]
         key_pos = torch.cat([state.cmem_positions, state.mem_positions, query_pos], dim=1)
@@ -250,7 +260,7 @@ class CompressiveLayer(MemoryLayer):
         """Push the chunk into the FIFO, compress what leaves it, cap the compressed memory."""
         cmem_slots, steps = state.cmem.shape[1], x.shape[1]
         fifo = torch.cat([state.mem, x.detach()], dim=1)  # [B, M+T, D]
-        chunk_pos = state.position[:, None] + torch.arange(steps, device=x.device)  # [B, T]
+        chunk_pos = chunk_positions(state.position, steps)  # [B, T]
         fifo_pos = torch.cat([state.mem_positions, chunk_pos], dim=1)  # [B, M+T]
         fresh = torch.ones(x.shape[0], steps, dtype=torch.bool, device=x.device)
         fifo_valid = torch.cat([state.mem_valid, fresh], dim=1)  # [B, M+T]
@@ -265,15 +275,9 @@ class CompressiveLayer(MemoryLayer):
         cmem_parts, cmem_valid, cmem_dropped = self._cap_cmem(
             state, share[:, :cmem_slots], groups, compressed.detach()
         )
-        return CompressiveState(
-            mem=mem,
-            mem_positions=mem_positions,
-            mem_valid=mem_valid,
-            mem_share=mem_share,
-            cmem=cmem_parts[0],
-            cmem_positions=cmem_parts[1],
-            cmem_valid=cmem_valid,
-            cmem_share=cmem_parts[2],
+        return CompressiveState.of(
+            (mem, mem_positions, mem_valid, mem_share),
+            (cmem_parts[0], cmem_parts[1], cmem_valid, cmem_parts[2]),
             position=state.position + steps,
             evictions=state.evictions + groups.dropped + cmem_dropped,
             compressions=state.compressions + groups.made.sum(1),
@@ -368,7 +372,7 @@ class CompressiveLayer(MemoryLayer):
         memory_pos = torch.cat([state.cmem_positions, state.mem_positions], dim=1)
         memory_valid = torch.cat([state.cmem_valid, state.mem_valid], dim=1)
         context = torch.cat([memory, x], dim=1)
-        chunk_pos = state.position[:, None] + torch.arange(steps, device=x.device)  # [B, T]
+        chunk_pos = chunk_positions(state.position, steps)  # [B, T]
         positions = torch.cat([memory_pos, chunk_pos], dim=1)  # [B, S+T]
         k = rotary(self._heads(self.key(context)), positions)  # [B, S+T, H, Dh]
         v = self._heads(self.value(context))
@@ -476,17 +480,9 @@ class CompressiveLayer(MemoryLayer):
         evictions: Tensor,
         compressions: Tensor,
     ) -> CompressiveState:
-        mem, mem_positions, mem_valid, mem_share = rows_to_slots(mem_rows, x)
-        cmem, cmem_positions, cmem_valid, cmem_share = rows_to_slots(cmem_rows, x)
-        return CompressiveState(
-            mem=mem,
-            mem_positions=mem_positions,
-            mem_valid=mem_valid,
-            mem_share=mem_share,
-            cmem=cmem,
-            cmem_positions=cmem_positions,
-            cmem_valid=cmem_valid,
-            cmem_share=cmem_share,
+        return CompressiveState.of(
+            rows_to_slots(mem_rows, x),
+            rows_to_slots(cmem_rows, x),
             position=state.position + x.shape[1],
             evictions=evictions,
             compressions=compressions,

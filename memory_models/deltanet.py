@@ -7,10 +7,11 @@ import math
 from typing import Literal, NamedTuple
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from memory_models.common import merge_heads, require_heads_divide, split_heads
 from memory_models.layer import MemoryConfig, MemoryLayer
 from memory_models.state import MemoryState
 
@@ -24,9 +25,7 @@ class DeltaNetState(MemoryState):
 
     def live_entries(self) -> Tensor:
         # S stores at most Dk independent associations per head (its rank); all Dk are in use.
-        return torch.full(
-            (self.batch_size,), self.memory.shape[2], dtype=torch.long, device=self.memory.device
-        )
+        return self._always_live(self.memory.shape[2])
 
 
 class DeltaNetConfig(MemoryConfig):
@@ -54,22 +53,17 @@ class DeltaNetConfig(MemoryConfig):
     chunk_size: int = Field(default=64, ge=1)
     conv_size: int | None = Field(default=None, ge=2)
 
-    @model_validator(mode="after")
-    def _threshold_needs_a_gate(self) -> DeltaNetConfig:
-        if not self.gated and self.forget_threshold != 0.0:
-            raise ValueError(
+    def _nothing_to_forget(self) -> str | None:
+        if not self.gated:
+            return (
                 f"forget_threshold={self.forget_threshold}: with gated=False DeltaNet has no decay "
                 "gate (a_t = 1), so there is nothing to forget; set gated=True or leave "
                 "forget_threshold at 0"
             )
-        return self
+        return super()._nothing_to_forget()
 
     def build(self, d_model: int) -> DeltaNetLayer:
-        if d_model % self.n_heads != 0:
-            raise ValueError(
-                f"n_heads={self.n_heads} does not divide d_model={d_model}: each head's value "
-                "width is d_model / n_heads"
-            )
+        require_heads_divide(self.n_heads, d_model, "each head's value width is d_model / n_heads")
         return DeltaNetLayer(self, d_model)
 
 
@@ -266,9 +260,9 @@ class DeltaNetLayer(MemoryLayer):
         beta = torch.sigmoid(self.write_strength(x)).transpose(1, 2)  # [B, H, T]
         log_decay, reset = self._decays(x)
         inputs = DeltaInputs(
-            q=F.normalize(self._split_heads(q), dim=-1, eps=1e-6),
-            k=F.normalize(self._split_heads(k), dim=-1, eps=1e-6),
-            v=self._split_heads(v),
+            q=F.normalize(split_heads(q, self.n_heads), dim=-1, eps=1e-6),
+            k=F.normalize(split_heads(k, self.n_heads), dim=-1, eps=1e-6),
+            v=split_heads(v, self.n_heads),
             beta=beta,
             log_decay=log_decay,
             reset=reset,
@@ -304,8 +298,5 @@ class DeltaNetLayer(MemoryLayer):
             history = window[:, 1:]
         return torch.stack(outputs, dim=1), history
 
-    def _split_heads(self, t: Tensor) -> Tensor:
-        return t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # [B, H, T, Dh]
-
     def _merge_heads(self, reads: Tensor) -> Tensor:
-        return self.out(reads.transpose(1, 2).flatten(2))  # [B, H, T, Dv] -> [B, T, D]
+        return self.out(merge_heads(reads))  # [B, H, T, Dv] -> [B, T, D]

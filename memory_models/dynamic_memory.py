@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Self
+from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -59,15 +59,14 @@ class DynamicMemoryConfig(MemoryConfig):
     importance_decay: float = Field(default=0.9, ge=0.0, le=1.0)
     match_threshold: float = Field(default=0.8, ge=-1.0, le=1.0)
 
-    @model_validator(mode="after")
-    def _forgetting_can_happen(self) -> Self:
-        if self.importance_decay == 1.0 and self.forget_threshold > 0.0:
-            raise ValueError(
+    def _nothing_to_forget(self) -> str | None:
+        if self.importance_decay == 1.0:
+            return (
                 "forget_threshold > 0 never frees a slot when importance_decay == 1 (importance "
                 "then never falls below the 1 a fresh slot starts with): set importance_decay "
                 "below 1 or forget_threshold to 0"
             )
-        return self
+        return super()._nothing_to_forget()
 
     def build(self, d_model: int) -> DynamicMemoryLayer:
         return DynamicMemoryLayer(self, d_model)

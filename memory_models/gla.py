@@ -5,23 +5,15 @@ Training")."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Literal
 
-import torch
 from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from memory_models.chunked_linear import (
-    Attend,
-    chunked_decayed_attention,
-    merge_heads,
-    recurrent_decayed_attention,
-    snap_log_decay,
-    split_heads,
-)
-from memory_models.layer import MemoryConfig, MemoryLayer
+from memory_models.common import require_heads_divide, split_heads
+from memory_models.layer import MemoryConfig
+from memory_models.matrix_memory import GatedRetentionLayer
 from memory_models.state import MemoryState
 
 # tau in alpha_t = sigmoid(...)^(1/tau): the paper's 16 keeps most decays close to 1.
@@ -34,9 +26,7 @@ class GLAState(MemoryState):
 
     def live_entries(self) -> Tensor:
         # Each head holds one value direction per key dimension: Dk entries, always in use.
-        return torch.full(
-            (self.batch_size,), self.memory.shape[2], dtype=torch.long, device=self.memory.device
-        )
+        return self._always_live(self.memory.shape[2])
 
 
 class GLAConfig(MemoryConfig):
@@ -60,15 +50,11 @@ class GLAConfig(MemoryConfig):
     gate_rank: int = Field(default=16, ge=1)
 
     def build(self, d_model: int) -> GLALayer:
-        if d_model % self.n_heads != 0:
-            raise ValueError(
-                f"n_heads={self.n_heads} does not divide d_model={d_model}: each head reads "
-                "d_model / n_heads value dimensions; pick n_heads that divides d_model"
-            )
+        require_heads_divide(self.n_heads, d_model)
         return GLALayer(self, d_model)
 
 
-class GLALayer(MemoryLayer):
+class GLALayer(GatedRetentionLayer):
     """Gated linear attention (Yang et al., 2024, section 4): per head,
 
         S_t = diag(alpha_t) S_{t-1} + k_t v_t^T,   o_t = S_t^T q_t,
@@ -88,54 +74,16 @@ class GLALayer(MemoryLayer):
 
     def __init__(self, config: GLAConfig, d_model: int) -> None:
         super().__init__(config, d_model)
-        self.n_heads = config.n_heads
-        self.key_dim = config.memory_size
-        self.value_dim = d_model // config.n_heads
-        keys = self.n_heads * self.key_dim
-        self.query = nn.Linear(d_model, keys, bias=False)
-        self.key = nn.Linear(d_model, keys, bias=False)
-        self.value = nn.Linear(d_model, d_model, bias=False)
         self.gate_down = nn.Linear(d_model, config.gate_rank, bias=False)  # W1
-        self.gate_up = nn.Linear(config.gate_rank, keys)  # W2 and b
+        self.gate_up = nn.Linear(config.gate_rank, self.n_heads * self.key_dim)  # W2 and b
         self.out_gate = nn.Linear(d_model, d_model)  # W_r and b_r
         self.norm = nn.GroupNorm(self.n_heads, d_model)
         self.out = nn.Linear(d_model, d_model, bias=False)
-
-    def init_state(
-        self, batch_size: int, device=None, dtype: torch.dtype = torch.float32
-    ) -> GLAState:
-        shape = (batch_size, self.n_heads, self.key_dim, self.value_dim)
-        return GLAState(memory=torch.zeros(shape, device=device, dtype=dtype))
-
-    def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        return self.n_heads * self.key_dim * self.value_dim * torch.finfo(dtype).bits // 8
-
-    def forward(self, x: Tensor, state: GLAState | None = None) -> tuple[Tensor, GLAState]:
-        """`x: [B, T, D]` -> `y: [B, T, D]`, chunkwise parallel."""
-        attend = functools.partial(chunked_decayed_attention, chunk_size=self.config.chunk_size)
-        return self._attend(x, state, attend)
-
-    def reference_forward(
-        self, x: Tensor, state: GLAState | None = None
-    ) -> tuple[Tensor, GLAState]:
-        """The recurrence one step at a time."""
-        return self._attend(x, state, recurrent_decayed_attention)
 
     def _log_decay(self, x: Tensor) -> Tensor:
         """`[B, H, T, Dk]`: log alpha_t before the forget threshold."""
         logits = self.gate_up(self.gate_down(x))  # [B, T, H * Dk]
         return split_heads(F.logsigmoid(logits) / GATE_TEMPERATURE, self.n_heads)
 
-    def _attend(self, x: Tensor, state: GLAState | None, attend: Attend) -> tuple[Tensor, GLAState]:
-        state = self._state_or_init(x, state)
-        q = split_heads(self.query(x), self.n_heads) * self.key_dim**-0.5  # [B, H, T, Dk]
-        k = split_heads(self.key(x), self.n_heads)
-        v = split_heads(self.value(x), self.n_heads)  # [B, H, T, Dv]
-        log_decay = snap_log_decay(self._log_decay(x), self.config.forget_threshold)
-        read, memory = attend(q, k, v, log_decay, state.memory)  # [B, H, T, Dv]
-        return self._output(x, merge_heads(read)), GLAState(memory=memory)
-
-    def _output(self, x: Tensor, read: Tensor) -> Tensor:
-        """`(swish(x W_r + b_r) * GroupNorm_h(read)) W_O`; `read: [B, T, D]`, per token."""
-        normed = self.norm(read.flatten(0, 1)).view_as(read)
-        return self.out(F.silu(self.out_gate(x)) * normed)
+    def _gate(self, x: Tensor) -> Tensor:
+        return self.out_gate(x)  # x W_r + b_r

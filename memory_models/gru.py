@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from memory_models.common import zero_below
 from memory_models.layer import MemoryConfig, MemoryLayer
 from memory_models.state import MemoryState
 
@@ -19,9 +20,7 @@ class GRUState(MemoryState):
 
     def live_entries(self) -> Tensor:
         # Every hidden unit is a memory entry that is always in use.
-        return torch.full(
-            (self.batch_size,), self.hidden.shape[1], dtype=torch.long, device=self.hidden.device
-        )
+        return self._always_live(self.hidden.shape[1])
 
 
 class GRUConfig(MemoryConfig):
@@ -84,13 +83,9 @@ class GRULayer(MemoryLayer):
         in_r, in_z, in_n = from_input.chunk(3, dim=-1)  # torch's r, z, n
         hid_r, hid_z, hid_n = from_hidden.chunk(3, dim=-1)
         reset = torch.sigmoid(in_r + hid_r)
-        keep = self._snap(torch.sigmoid(in_z + hid_z))
+        keep = zero_below(torch.sigmoid(in_z + hid_z), self.config.forget_threshold)
         candidate = torch.tanh(in_n + reset * hid_n)
         return keep * hidden + (1 - keep) * candidate
-
-    def _snap(self, keep: Tensor) -> Tensor:
-        threshold = self.config.forget_threshold
-        return torch.where(keep < threshold, torch.zeros_like(keep), keep)
 
     def reference_forward(
         self, x: Tensor, state: GRUState | None = None
@@ -110,7 +105,7 @@ class GRULayer(MemoryLayer):
         for t in range(x.shape[1]):
             x_t = x[:, t]
             r = torch.sigmoid(sum(part(0, x_t, h)))
-            z = self._snap(torch.sigmoid(sum(part(1, x_t, h))))
+            z = zero_below(torch.sigmoid(sum(part(1, x_t, h))), self.config.forget_threshold)
             n_in, n_hid = part(2, x_t, h)
             n = torch.tanh(n_in + r * n_hid)
             h = z * h + (1 - z) * n

@@ -10,19 +10,26 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from memory_models.common import (
+from memory_models.cached_attention import CachedAttentionLayer
+from memory_models.common import chunk_positions, require_rotary_heads, rotary
+from memory_models.layer import MemoryConfig
+from memory_models.slot_cache import (
     compact_slots,
+    empty_cache,
     keep_above_threshold,
     keep_largest,
     keep_newest,
-    rotary,
+    next_cache,
+    slot_bytes,
 )
-from memory_models.layer import MemoryConfig, MemoryLayer
-from memory_models.state import MemoryState
+from memory_models.state import SlotCacheState
 
 
 @dataclasses.dataclass
-class HierarchicalState(MemoryState):
+class HierarchicalState(SlotCacheState):
+    """The summary bank is the memory `memory_size` sizes (its live slots are `live_entries`);
+    the open segment's tokens are the working buffer of the current segment, held in addition."""
+
     # [B, S, D] layer inputs of the open segment's tokens, slot i at offset i of the segment. Only
     # the first `position % segment_len` slots are live (S is larger in stacked states).
     open_inputs: Tensor
@@ -34,14 +41,6 @@ class HierarchicalState(MemoryState):
     share: Tensor
     position: Tensor  # [B] long: tokens seen so far, the position of the next token
     evictions: Tensor  # [B] long: summaries dropped so far (threshold or capacity)
-
-    def live_entries(self) -> Tensor:
-        # The summary bank is the memory `memory_size` sizes; the open segment's tokens are the
-        # working buffer of the current segment and are held in addition.
-        return self.valid.sum(1)
-
-    def metrics(self) -> dict[str, float]:
-        return {**super().metrics(), "evictions": self.evictions.float().mean().item()}
 
 
 class HierarchicalConfig(MemoryConfig):
@@ -67,16 +66,11 @@ class HierarchicalConfig(MemoryConfig):
     rope_base: float = Field(default=10000.0, gt=1.0)
 
     def build(self, d_model: int) -> HierarchicalLayer:
-        if d_model % self.n_heads != 0 or (d_model // self.n_heads) % 2 != 0:
-            raise ValueError(
-                f"n_heads={self.n_heads} does not fit d_model={d_model}: n_heads must divide "
-                "d_model into an even head width (rotary pairs); pick n_heads so that "
-                "d_model / n_heads is even"
-            )
+        require_rotary_heads(self.n_heads, d_model)
         return HierarchicalLayer(self, d_model)
 
 
-class HierarchicalLayer(MemoryLayer):
+class HierarchicalLayer(CachedAttentionLayer):
     """Two-level attention: the word and sentence levels of the Hierarchical Attention Network
     (Yang et al., 2016) turned causal, as in the segment-level recurrent Transformer.
 
@@ -114,8 +108,6 @@ class HierarchicalLayer(MemoryLayer):
 
     def __init__(self, config: HierarchicalConfig, d_model: int) -> None:
         super().__init__(config, d_model)
-        self.n_heads = config.n_heads
-        self.head_dim = d_model // config.n_heads
         self.segment_len = config.segment_len
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.pool_proj = nn.Linear(d_model, d_model)  # W and b of HAN eq. 5
@@ -126,33 +118,22 @@ class HierarchicalLayer(MemoryLayer):
     def init_state(
         self, batch_size: int, device=None, dtype: torch.dtype = torch.float32
     ) -> HierarchicalState:
-        def long(*shape: int) -> Tensor:
-            return torch.zeros(*shape, dtype=torch.long, device=device)
-
+        cache = empty_cache(batch_size, device, dtype)
+        segments = cache.pop("positions")  # a summary's place is its segment's index
         return HierarchicalState(
             open_inputs=torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype),
             summaries=torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype),
-            segments=long(batch_size, 0),
-            valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
-            share=torch.zeros(batch_size, 0, device=device, dtype=dtype),
-            position=long(batch_size),
-            evictions=long(batch_size),
+            segments=segments,
+            **cache,
         )
 
     def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         value_bytes = torch.finfo(dtype).bits // 8
         open_bytes = (seq_len % self.segment_len) * self.d_model * value_bytes
         slots = min(seq_len // self.segment_len, self.config.memory_size)
-        # Per summary: the pooled vector, its segment index (long), its mask (bool) and its share.
-        per_slot = self.d_model * value_bytes + 8 + 1 + value_bytes
+        # Per summary: the pooled vector, its segment index, its mask and its share.
+        per_slot = slot_bytes(self.d_model, dtype)
         return open_bytes + slots * per_slot + 2 * 8  # + position and evictions counters
-
-    def chunk_invariant(self) -> bool:
-        return self.config.forget_threshold == 0.0
-
-    @property
-    def _tracks_share(self) -> bool:
-        return self.config.forget_threshold > 0.0
 
     def pool(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """HAN attention pooling (eq. 5-7). `inputs: [..., L, D]` -> summary `[..., D]`, weights
@@ -173,7 +154,7 @@ class HierarchicalLayer(MemoryLayer):
         bank = self._candidates(state, blocks, closed)
         window = self._window(state.valid.sum(1), closed, n_blocks, bank.valid.shape[1])
         reads, summary_probs = self._attend(blocks, bank.summaries, window)
-        index = opened[:, None] + torch.arange(x.shape[1], device=x.device)  # [B, T]
+        index = chunk_positions(opened, x.shape[1])  # [B, T]: the chunk's slots in `blocks`
         y = self.out(reads.gather(1, index[..., None].expand(-1, -1, self.d_model)))
         share = self._share(bank.share, summary_probs, is_query, window)
         open_inputs = self._open_segment(blocks, opened + x.shape[1])
@@ -309,7 +290,8 @@ class HierarchicalLayer(MemoryLayer):
             return raised[:, :-1]
 
     def _keep(self, valid: Tensor, share: Tensor) -> Tensor:
-        """`[B, C]` bool: summaries that stay (candidates are compacted, oldest first)."""
+        """`[B, C]` bool: summaries that stay (candidates are compacted, oldest first). Unlike
+        `keep_by_share`, the newest summary is exempt from the threshold and the cap."""
         threshold, capacity = self.config.forget_threshold, self.config.memory_size
         if threshold == 0.0:
             return keep_newest(valid, capacity)
@@ -328,18 +310,9 @@ class HierarchicalLayer(MemoryLayer):
     ) -> HierarchicalState:
         """The next state: the candidates narrowed by `_keep`, compacted oldest first."""
         keep = self._keep(bank.valid, share)
-        (summaries, segments, share), kept = compact_slots(
-            keep, [bank.summaries, bank.segments, share]
-        )
-        return HierarchicalState(
-            open_inputs=open_inputs,
-            summaries=summaries,
-            segments=segments,
-            valid=kept,
-            share=share,
-            position=state.position + steps,
-            evictions=state.evictions + (bank.valid.sum(1) - keep.sum(1)),
-        )
+        slots = {"summaries": bank.summaries, "segments": bank.segments, "share": share}
+        bank_state = next_cache(keep, bank.valid, slots, state.position + steps, state.evictions)
+        return HierarchicalState(open_inputs=open_inputs, **bank_state)
 
     def _open_segment(self, blocks: Tensor, end: Tensor) -> Tensor:
         """`[B, R, D]`: the inputs of the segment left open after the call's last token."""

@@ -39,12 +39,21 @@ class MemoryConfig(BaseModel):
 
     @model_validator(mode="after")
     def _threshold_needs_something_to_forget(self) -> MemoryConfig:
-        if not self.forgets and self.forget_threshold != 0.0:
-            raise ValueError(
-                f"forget_threshold={self.forget_threshold}: kind {self.kind!r} has no decay or "
-                "eviction, so there is nothing to forget; leave forget_threshold at 0"
-            )
+        reason = self._nothing_to_forget() if self.forget_threshold != 0.0 else None
+        if reason is not None:
+            raise ValueError(reason)
         return self
+
+    def _nothing_to_forget(self) -> str | None:
+        """Why a forget threshold would forget nothing with these settings (it is then refused,
+        with this as the error), or None. Mechanisms with a setting that turns forgetting off
+        extend it."""
+        if self.forgets:
+            return None
+        return (
+            f"forget_threshold={self.forget_threshold}: kind {self.kind!r} has no decay or "
+            "eviction, so there is nothing to forget; leave forget_threshold at 0"
+        )
 
     @classmethod
     def movable_settings(cls) -> frozenset[str]:

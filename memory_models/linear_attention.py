@@ -4,7 +4,6 @@ state (Katharopoulos et al., 2020)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Literal
 
 import torch
@@ -12,14 +11,10 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from memory_models.chunked_linear import (
-    Attend,
-    chunked_decayed_attention,
-    merge_heads,
-    recurrent_decayed_attention,
-    split_heads,
-)
-from memory_models.layer import MemoryConfig, MemoryLayer
+from memory_models.chunked_linear import Attend
+from memory_models.common import merge_heads, require_heads_divide, split_heads
+from memory_models.layer import MemoryConfig
+from memory_models.matrix_memory import MatrixMemoryLayer
 from memory_models.state import MemoryState
 
 # Keeps the division finite when phi(q)^T z is 0 (possible with relu features).
@@ -33,9 +28,7 @@ class LinearAttentionState(MemoryState):
 
     def live_entries(self) -> Tensor:
         # Each head holds one value direction per key dimension: Dk entries, always in use.
-        return torch.full(
-            (self.batch_size,), self.memory.shape[2], dtype=torch.long, device=self.memory.device
-        )
+        return self._always_live(self.memory.shape[2])
 
 
 class LinearAttentionConfig(MemoryConfig):
@@ -58,15 +51,11 @@ class LinearAttentionConfig(MemoryConfig):
     feature_map: Literal["elu", "relu"] = "elu"
 
     def build(self, d_model: int) -> LinearAttentionLayer:
-        if d_model % self.n_heads != 0:
-            raise ValueError(
-                f"n_heads={self.n_heads} does not divide d_model={d_model}: each head reads "
-                "d_model / n_heads value dimensions; pick n_heads that divides d_model"
-            )
+        require_heads_divide(self.n_heads, d_model)
         return LinearAttentionLayer(self, d_model)
 
 
-class LinearAttentionLayer(MemoryLayer):
+class LinearAttentionLayer(MatrixMemoryLayer):
     """Causal linear attention (Katharopoulos et al., 2020, eq. 4-6; recurrent form eq. 18-20):
 
         S_t = S_{t-1} + phi(k_t) v_t^T,   z_t = z_{t-1} + phi(k_t),
@@ -83,12 +72,6 @@ class LinearAttentionLayer(MemoryLayer):
 
     def __init__(self, config: LinearAttentionConfig, d_model: int) -> None:
         super().__init__(config, d_model)
-        self.n_heads = config.n_heads
-        self.key_dim = config.memory_size
-        self.value_dim = d_model // config.n_heads
-        self.query = nn.Linear(d_model, self.n_heads * self.key_dim, bias=False)
-        self.key = nn.Linear(d_model, self.n_heads * self.key_dim, bias=False)
-        self.value = nn.Linear(d_model, d_model, bias=False)
         self.out = nn.Linear(d_model, d_model)
 
     def init_state(
@@ -96,26 +79,13 @@ class LinearAttentionLayer(MemoryLayer):
     ) -> LinearAttentionState:
         heads = (batch_size, self.n_heads, self.key_dim)
         return LinearAttentionState(
-            memory=torch.zeros(*heads, self.value_dim, device=device, dtype=dtype),
+            memory=self._memory_zeros(batch_size, device, dtype),
             normaliser=torch.zeros(heads, device=device, dtype=dtype),
         )
 
     def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         per_head = self.key_dim * self.value_dim + self.key_dim  # S and z
         return self.n_heads * per_head * torch.finfo(dtype).bits // 8
-
-    def forward(
-        self, x: Tensor, state: LinearAttentionState | None = None
-    ) -> tuple[Tensor, LinearAttentionState]:
-        """`x: [B, T, D]` -> `y: [B, T, D]`, chunkwise parallel."""
-        attend = functools.partial(chunked_decayed_attention, chunk_size=self.config.chunk_size)
-        return self._attend(x, state, attend)
-
-    def reference_forward(
-        self, x: Tensor, state: LinearAttentionState | None = None
-    ) -> tuple[Tensor, LinearAttentionState]:
-        """Eq. 18-20 one step at a time."""
-        return self._attend(x, state, recurrent_decayed_attention)
 
     def _phi(self, x: Tensor) -> Tensor:
         if self.config.feature_map == "elu":

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from memory_models.common import zero_below
 from memory_models.layer import MemoryConfig, MemoryLayer
 from memory_models.state import MemoryState
 
@@ -20,9 +21,7 @@ class LSTMState(MemoryState):
 
     def live_entries(self) -> Tensor:
         # Every hidden unit is a memory entry that is always in use.
-        return torch.full(
-            (self.batch_size,), self.cell.shape[1], dtype=torch.long, device=self.cell.device
-        )
+        return self._always_live(self.cell.shape[1])
 
 
 class LSTMConfig(MemoryConfig):
@@ -83,13 +82,9 @@ class LSTMLayer(MemoryLayer):
 
     def _apply_gates(self, gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
         in_gate, forget_gate, candidate, out_gate = gates.chunk(4, dim=-1)  # torch's i, f, g, o
-        forget = self._snap(torch.sigmoid(forget_gate))
+        forget = zero_below(torch.sigmoid(forget_gate), self.config.forget_threshold)
         cell = forget * cell + torch.sigmoid(in_gate) * torch.tanh(candidate)
         return torch.sigmoid(out_gate) * torch.tanh(cell), cell
-
-    def _snap(self, forget: Tensor) -> Tensor:
-        threshold = self.config.forget_threshold
-        return torch.where(forget < threshold, torch.zeros_like(forget), forget)
 
     def reference_forward(
         self, x: Tensor, state: LSTMState | None = None
@@ -109,7 +104,7 @@ class LSTMLayer(MemoryLayer):
         for t in range(x.shape[1]):
             x_t = x[:, t]
             i = torch.sigmoid(gate(0, x_t, h))
-            f = self._snap(torch.sigmoid(gate(1, x_t, h)))
+            f = zero_below(torch.sigmoid(gate(1, x_t, h)), self.config.forget_threshold)
             g = torch.tanh(gate(2, x_t, h))
             o = torch.sigmoid(gate(3, x_t, h))
             c = f * c + i * g

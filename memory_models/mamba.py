@@ -27,9 +27,7 @@ class MambaState(MemoryState):
 
     def live_entries(self) -> Tensor:
         # Each channel's N state dimensions are the entries; all of them are always in use.
-        return torch.full(
-            (self.batch_size,), self.ssm.shape[2], dtype=torch.long, device=self.ssm.device
-        )
+        return self._always_live(self.ssm.shape[2])
 
 
 class MambaConfig(MemoryConfig):

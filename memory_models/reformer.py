@@ -11,19 +11,22 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from memory_models.common import (
-    compact_slots,
-    keep_above_threshold,
-    keep_largest,
-    keep_newest,
-    rotary,
+from memory_models.cached_attention import CachedAttentionLayer
+from memory_models.common import chunk_positions, merge_heads, require_rotary_heads, rotary
+from memory_models.layer import MemoryConfig
+from memory_models.slot_cache import (
+    empty_cache,
+    kept_rows,
+    live_then_chunk,
+    next_cache,
+    reference_kept,
+    slot_bytes,
 )
-from memory_models.layer import MemoryConfig, MemoryLayer
-from memory_models.state import MemoryState
+from memory_models.state import SlotCacheState
 
 
 @dataclasses.dataclass
-class ReformerState(MemoryState):
+class ReformerState(SlotCacheState):
     keys: Tensor  # [B, L, H, Dh] unit-length shared-QK keys, rotated at their positions
     values: Tensor  # [B, L, H, Dh]
     buckets: Tensor  # [B, L, H, R] long: each entry's bucket in every hash round
@@ -34,12 +37,6 @@ class ReformerState(MemoryState):
     share: Tensor
     position: Tensor  # [B] long: tokens seen so far, the position of the next token
     evictions: Tensor  # [B] long: cache entries dropped so far (capacity or threshold)
-
-    def live_entries(self) -> Tensor:
-        return self.valid.sum(1)
-
-    def metrics(self) -> dict[str, float]:
-        return {**super().metrics(), "evictions": self.evictions.float().mean().item()}
 
 
 class ReformerConfig(MemoryConfig):
@@ -77,12 +74,7 @@ class ReformerConfig(MemoryConfig):
         return n_buckets
 
     def build(self, d_model: int) -> ReformerLayer:
-        if d_model % self.n_heads != 0 or (d_model // self.n_heads) % 2 != 0:
-            raise ValueError(
-                f"n_heads={self.n_heads} does not fit d_model={d_model}: n_heads must divide "
-                "d_model into an even head width (rotary pairs); pick n_heads so that "
-                "d_model / n_heads is even"
-            )
+        require_rotary_heads(self.n_heads, d_model)
         return ReformerLayer(self, d_model)
 
 
@@ -124,7 +116,7 @@ class _Reads:
     key_items: Tensor | None = None
 
 
-class ReformerLayer(MemoryLayer):
+class ReformerLayer(CachedAttentionLayer):
     """Causal LSH attention of the Reformer (Kitaev et al., 2020, section 2), with rotary
     positions (Su et al., 2021) and a bounded cache for streaming.
 
@@ -171,8 +163,6 @@ class ReformerLayer(MemoryLayer):
 
     def __init__(self, config: ReformerConfig, d_model: int) -> None:
         super().__init__(config, d_model)
-        self.n_heads = config.n_heads
-        self.head_dim = d_model // config.n_heads
         self.shared_qk = nn.Linear(d_model, d_model, bias=False)
         self.value = nn.Linear(d_model, d_model, bias=False)
         self.out = nn.Linear(d_model, d_model)
@@ -184,38 +174,23 @@ class ReformerLayer(MemoryLayer):
     def init_state(
         self, batch_size: int, device=None, dtype: torch.dtype = torch.float32
     ) -> ReformerState:
-        heads = (batch_size, 0, self.n_heads, self.head_dim)
         rounds = (batch_size, 0, self.n_heads, self.config.n_hashes)
         return ReformerState(
-            keys=torch.zeros(heads, device=device, dtype=dtype),
-            values=torch.zeros(heads, device=device, dtype=dtype),
             buckets=torch.zeros(rounds, dtype=torch.long, device=device),
-            positions=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
-            valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
-            share=torch.zeros(batch_size, 0, device=device, dtype=dtype),
-            position=torch.zeros(batch_size, dtype=torch.long, device=device),
-            evictions=torch.zeros(batch_size, dtype=torch.long, device=device),
+            **empty_cache(batch_size, device, dtype, (self.n_heads, self.head_dim)),
         )
 
     def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         slots = min(seq_len, self.config.memory_size)
-        value_bytes = torch.finfo(dtype).bits // 8
         # Per slot: key and value (H * Dh each), buckets (H * R longs), position, mask and share.
         buckets = self.n_heads * self.config.n_hashes * 8
-        per_slot = 2 * self.d_model * value_bytes + buckets + 8 + 1 + value_bytes
+        per_slot = slot_bytes(2 * self.d_model, dtype) + buckets
         return slots * per_slot + 2 * 8  # + position and evictions counters
-
-    def chunk_invariant(self) -> bool:
-        return self.config.forget_threshold == 0.0
-
-    @property
-    def _tracks_share(self) -> bool:
-        return self.config.forget_threshold > 0.0
 
     def _project(self, x: Tensor, start: Tensor) -> _Items:
         """The chunk's items: rotated queries and unit keys, values, buckets, positions."""
         batch, steps, _ = x.shape
-        positions = start[:, None] + torch.arange(steps, device=x.device)  # [B, T]
+        positions = chunk_positions(start, steps)  # [B, T]
         qk = self.shared_qk(x).view(batch, steps, self.n_heads, self.head_dim)
         base = self.config.rope_base
         return _Items(
@@ -237,7 +212,7 @@ class ReformerLayer(MemoryLayer):
         reads = self._lsh_attention(items, x.shape[1])
         weights = reads.lse.softmax(dim=2)  # [B, H, R, T]: the rounds' weights
         read = (weights[..., None] * reads.reads).sum(2)  # [B, H, T, Dh]
-        y = self.out(read.transpose(1, 2).flatten(2))
+        y = self.out(merge_heads(read))
         share = self._share(items.share, reads, weights)
         return y, self._evict(state, items, share)
 
@@ -338,31 +313,19 @@ class ReformerLayer(MemoryLayer):
 
             return _max_total_weight(previous, per_query(reads.key_items), per_query(given))
 
-    def _keep(self, valid: Tensor, share: Tensor) -> Tensor:
-        """`[B, N]` bool: entries that stay cached (live candidates are in age order)."""
-        threshold, capacity = self.config.forget_threshold, self.config.memory_size
-        keep = keep_above_threshold(share, valid, threshold)
-        if threshold == 0.0:
-            return keep_newest(keep, capacity)
-        return keep_largest(keep, share, capacity)
-
     def _evict(self, state: ReformerState, items: _Items, share: Tensor) -> ReformerState:
         """The next cache: the items narrowed by `_keep`, compacted oldest first."""
         steps = items.valid.shape[1] - state.valid.shape[1]
         keep = self._keep(items.valid, share)
-        (keys, values, buckets, positions, share), kept = compact_slots(
-            keep, [items.keys, items.values, items.buckets, items.positions, share]
-        )
-        return ReformerState(
-            keys=keys,
-            values=values,
-            buckets=buckets,
-            positions=positions,
-            valid=kept,
-            share=share,
-            position=state.position + steps,
-            evictions=state.evictions + (items.valid.sum(1) - keep.sum(1)),
-        )
+        slots = {
+            "keys": items.keys,
+            "values": items.values,
+            "buckets": items.buckets,
+            "positions": items.positions,
+            "share": share,
+        }
+        position = state.position + steps
+        return ReformerState(**next_cache(keep, items.valid, slots, position, state.evictions))
 
     def reference_forward(
         self, x: Tensor, state: ReformerState | None = None
@@ -384,13 +347,11 @@ class ReformerLayer(MemoryLayer):
         self, chunk: _Items, b: int, cache: ReformerState
     ) -> tuple[Tensor, ReformerState]:
         """Sequence b of the chunk with its cache (batch 1) -> reads `[T, H, Dh]`, next cache."""
-        live, steps = cache.valid[0], chunk.valid.shape[1]
-        keys = torch.cat([cache.keys[0][live], chunk.keys[b]])  # [N, H, Dh] oldest first
-        values = torch.cat([cache.values[0][live], chunk.values[b]])
-        buckets = torch.cat([cache.buckets[0][live], chunk.buckets[b]])  # [N, H, R]
-        key_pos = cache.positions[0][live].tolist() + chunk.positions[b].tolist()
-        share = torch.cat([cache.share[0][live], cache.share.new_zeros(steps)])
-        bucket_ids = buckets.tolist()
+        steps = chunk.valid.shape[1]
+        fresh = {"keys": chunk.keys[b], "values": chunk.values[b], "buckets": chunk.buckets[b]}
+        entries, key_pos = live_then_chunk(cache, fresh, chunk.positions[b])
+        keys, values, share = entries["keys"], entries["values"], entries["share"]  # oldest first
+        bucket_ids = entries["buckets"].tolist()  # [N, H, R]
         first_query, window = len(key_pos) - steps, self.config.memory_size
         reads = []
         for t, query in enumerate(chunk.queries[b]):
@@ -407,19 +368,12 @@ class ReformerLayer(MemoryLayer):
             reads.append(read)
             if self._tracks_share:
                 share = torch.maximum(share, given)
-        kept = self._reference_kept(key_pos, share.tolist())
-        index = torch.tensor(kept, dtype=torch.long, device=keys.device)
-        row = ReformerState(
-            keys=keys[index][None],
-            values=values[index][None],
-            buckets=buckets[index][None],
-            positions=torch.tensor(key_pos, device=keys.device)[index][None],
-            valid=torch.ones(1, len(kept), dtype=torch.bool, device=keys.device),
-            share=share[index][None],
-            position=cache.position + steps,
-            evictions=cache.evictions + len(key_pos) - len(kept),
+        threshold, capacity = self.config.forget_threshold, self.config.memory_size
+        kept = reference_kept(key_pos, share.tolist(), threshold, capacity)
+        row = kept_rows(
+            kept, {**entries, "share": share}, key_pos, cache.position + steps, cache.evictions
         )
-        return torch.stack(reads), row
+        return torch.stack(reads), ReformerState(**row)
 
     def _reference_visible(
         self,
@@ -464,18 +418,6 @@ class ReformerLayer(MemoryLayer):
                 index = torch.tensor(seen, device=keys.device)
                 given = given.index_add(0, index, (w * p).detach() / self.n_heads)
         return torch.stack(heads), given
-
-    def _reference_kept(self, key_pos: list[int], share: list[float]) -> list[int]:
-        """Indices of the entries that stay cached, oldest first."""
-        threshold, capacity = self.config.forget_threshold, self.config.memory_size
-        kept = [n for n in range(len(key_pos)) if threshold <= 0.0 or share[n] >= threshold]
-        if len(kept) > capacity:
-            if threshold <= 0.0:
-                order = sorted(kept, key=lambda n: key_pos[n])
-            else:
-                order = sorted(kept, key=lambda n: (share[n], key_pos[n]))
-            kept = order[-capacity:]
-        return sorted(kept, key=lambda n: key_pos[n])
 
 
 def _join(state: ReformerState, chunk: _Items) -> _Items:

@@ -4,23 +4,15 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from memory_models.chunked_linear import (
-    Attend,
-    chunked_decayed_attention,
-    merge_heads,
-    recurrent_decayed_attention,
-    snap_log_decay,
-    split_heads,
-)
-from memory_models.layer import MemoryConfig, MemoryLayer
+from memory_models.common import require_heads_divide
+from memory_models.layer import MemoryConfig
+from memory_models.matrix_memory import GatedRetentionLayer
 from memory_models.state import MemoryState
 
 
@@ -30,9 +22,7 @@ class RetNetState(MemoryState):
 
     def live_entries(self) -> Tensor:
         # Each head holds one value direction per key dimension: Dk entries, always in use.
-        return torch.full(
-            (self.batch_size,), self.memory.shape[2], dtype=torch.long, device=self.memory.device
-        )
+        return self._always_live(self.memory.shape[2])
 
 
 class RetNetConfig(MemoryConfig):
@@ -54,11 +44,7 @@ class RetNetConfig(MemoryConfig):
     chunk_size: int = Field(default=16, ge=1)
 
     def build(self, d_model: int) -> RetNetLayer:
-        if d_model % self.n_heads != 0:
-            raise ValueError(
-                f"n_heads={self.n_heads} does not divide d_model={d_model}: each head reads "
-                "d_model / n_heads value dimensions; pick n_heads that divides d_model"
-            )
+        require_heads_divide(self.n_heads, d_model)
         return RetNetLayer(self, d_model)
 
 
@@ -67,7 +53,7 @@ def retention_decays(n_heads: int) -> Tensor:
     return 1.0 - 2.0 ** (-5.0 - torch.arange(n_heads, dtype=torch.float64))
 
 
-class RetNetLayer(MemoryLayer):
+class RetNetLayer(GatedRetentionLayer):
     """Multi-scale retention (Sun et al., 2023): per head h, retention with decay gamma_h,
 
         S_t = gamma_h S_{t-1} + k_t v_t^T,   o_t = S_t^T q_t          (eq. 6; eq. 5 in parallel)
@@ -87,53 +73,14 @@ class RetNetLayer(MemoryLayer):
 
     def __init__(self, config: RetNetConfig, d_model: int) -> None:
         super().__init__(config, d_model)
-        self.n_heads = config.n_heads
-        self.key_dim = config.memory_size
-        self.value_dim = d_model // config.n_heads
-        self.query = nn.Linear(d_model, self.n_heads * self.key_dim, bias=False)
-        self.key = nn.Linear(d_model, self.n_heads * self.key_dim, bias=False)
-        self.value = nn.Linear(d_model, d_model, bias=False)
         self.gate = nn.Linear(d_model, d_model, bias=False)
         self.norm = nn.GroupNorm(self.n_heads, d_model)
         self.out = nn.Linear(d_model, d_model, bias=False)
-
-    def init_state(
-        self, batch_size: int, device=None, dtype: torch.dtype = torch.float32
-    ) -> RetNetState:
-        shape = (batch_size, self.n_heads, self.key_dim, self.value_dim)
-        return RetNetState(memory=torch.zeros(shape, device=device, dtype=dtype))
-
-    def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        return self.n_heads * self.key_dim * self.value_dim * torch.finfo(dtype).bits // 8
-
-    def forward(self, x: Tensor, state: RetNetState | None = None) -> tuple[Tensor, RetNetState]:
-        """`x: [B, T, D]` -> `y: [B, T, D]`, chunkwise parallel."""
-        attend = functools.partial(chunked_decayed_attention, chunk_size=self.config.chunk_size)
-        return self._attend(x, state, attend)
-
-    def reference_forward(
-        self, x: Tensor, state: RetNetState | None = None
-    ) -> tuple[Tensor, RetNetState]:
-        """Eq. 6 one step at a time."""
-        return self._attend(x, state, recurrent_decayed_attention)
 
     def _log_decay(self, x: Tensor) -> Tensor:
         """`[B, H, T, 1]`: log gamma_h at every step, before the forget threshold."""
         log_gamma = retention_decays(self.n_heads).log().to(device=x.device, dtype=x.dtype)
         return log_gamma[None, :, None, None].expand(x.shape[0], -1, x.shape[1], 1)
 
-    def _attend(
-        self, x: Tensor, state: RetNetState | None, attend: Attend
-    ) -> tuple[Tensor, RetNetState]:
-        state = self._state_or_init(x, state)
-        q = split_heads(self.query(x), self.n_heads) * self.key_dim**-0.5  # [B, H, T, Dk]
-        k = split_heads(self.key(x), self.n_heads)
-        v = split_heads(self.value(x), self.n_heads)  # [B, H, T, Dv]
-        log_decay = snap_log_decay(self._log_decay(x), self.config.forget_threshold)
-        read, memory = attend(q, k, v, log_decay, state.memory)  # [B, H, T, Dv]
-        return self._output(x, merge_heads(read)), RetNetState(memory=memory)
-
-    def _output(self, x: Tensor, read: Tensor) -> Tensor:
-        """`(swish(x W_G) * GroupNorm_h(read)) W_O`; `read: [B, T, D]`, normalised per token."""
-        normed = self.norm(read.flatten(0, 1)).view_as(read)
-        return self.out(F.silu(self.gate(x)) * normed)
+    def _gate(self, x: Tensor) -> Tensor:
+        return self.gate(x)  # x W_G

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, Self
+from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from memory_models.common import (
-    compact_slots,
-    keep_above_threshold,
-    keep_largest,
-    keep_newest,
-    rotary,
-)
+from memory_models.cached_attention import FusedQKVLayer
+from memory_models.common import chunk_positions, require_rotary_heads, rotary
 from memory_models.knn_index import IndexKind, make_index, top_k
-from memory_models.layer import MemoryConfig, MemoryLayer
-from memory_models.state import MemoryState
+from memory_models.layer import MemoryConfig
+from memory_models.slot_cache import (
+    compact_slots,
+    empty_cache,
+    next_cache,
+    reference_kept,
+    slot_bytes,
+)
+from memory_models.state import SlotCacheState
 
 # QK-norm's learned temperature (Henry et al., 2020) starts here: unit queries and keys give
 # cosine scores in [-1, 1], which softmax would otherwise spread almost evenly.
@@ -30,7 +32,7 @@ _QUERY_BLOCK = 256
 
 
 @dataclasses.dataclass
-class RetrievalState(MemoryState):
+class RetrievalState(SlotCacheState):
     """The store (the memory proper, at most `memory_size` entries) and the local window."""
 
     keys: Tensor  # [B, N, H, Dh] unit-length keys of the stored tokens, unrotated, detached
@@ -45,12 +47,6 @@ class RetrievalState(MemoryState):
     window_valid: Tensor  # [B, L] bool
     position: Tensor  # [B] long: tokens seen so far, the position of the next token
     evictions: Tensor  # [B] long: store entries dropped so far (threshold or capacity)
-
-    def live_entries(self) -> Tensor:
-        return self.valid.sum(1)
-
-    def metrics(self) -> dict[str, float]:
-        return {**super().metrics(), "evictions": self.evictions.float().mean().item()}
 
 
 class RetrievalConfig(MemoryConfig):
@@ -80,23 +76,17 @@ class RetrievalConfig(MemoryConfig):
     share_decay: float = Field(default=0.99, ge=0.0, le=1.0)
     index: IndexKind = "exact"
 
-    @model_validator(mode="after")
-    def _forgetting_can_happen(self) -> Self:
-        if self.share_decay == 1.0 and self.forget_threshold > 0.0:
-            raise ValueError(
+    def _nothing_to_forget(self) -> str | None:
+        if self.share_decay == 1.0:
+            return (
                 "forget_threshold > 0 never evicts when share_decay == 1 (a share then never "
                 "falls below the 1 an entry starts with): set share_decay below 1 or "
                 "forget_threshold to 0"
             )
-        return self
+        return super()._nothing_to_forget()
 
     def build(self, d_model: int) -> RetrievalLayer:
-        if d_model % self.n_heads != 0 or (d_model // self.n_heads) % 2 != 0:
-            raise ValueError(
-                f"n_heads={self.n_heads} does not fit d_model={d_model}: n_heads must divide "
-                "d_model into an even head width (rotary pairs); pick n_heads so that "
-                "d_model / n_heads is even"
-            )
+        require_rotary_heads(self.n_heads, d_model)
         return RetrievalLayer(self, d_model)
 
 
@@ -127,7 +117,7 @@ class _Entry:
     share: float = 0.0
 
 
-class RetrievalLayer(MemoryLayer):
+class RetrievalLayer(FusedQKVLayer):
     """kNN-augmented attention of the Memorizing Transformer (Wu et al., 2022, section 3): an
     external store of past (key, value) pairs searched by nearest neighbours, as kNN-LM
     (Khandelwal et al., 2020) searches its datastore, next to local attention.
@@ -168,10 +158,6 @@ class RetrievalLayer(MemoryLayer):
 
     def __init__(self, config: RetrievalConfig, d_model: int) -> None:
         super().__init__(config, d_model)
-        self.n_heads = config.n_heads
-        self.head_dim = d_model // config.n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model)
         initial = torch.full((config.n_heads,), math.log(_INITIAL_TEMPERATURE))
         self.log_temperature = nn.Parameter(initial)
         self.gate = nn.Parameter(torch.zeros(config.n_heads))  # b_h: g = 1/2 at the start
@@ -180,52 +166,32 @@ class RetrievalLayer(MemoryLayer):
     def init_state(
         self, batch_size: int, device=None, dtype: torch.dtype = torch.float32
     ) -> RetrievalState:
-        heads = (batch_size, 0, self.n_heads, self.head_dim)
-
-        def slots(kind: torch.dtype) -> Tensor:
-            return torch.zeros(batch_size, 0, dtype=kind, device=device)
-
+        heads = (self.n_heads, self.head_dim)
+        window = empty_cache(batch_size, device, dtype, heads)
         return RetrievalState(
-            keys=torch.zeros(heads, device=device, dtype=dtype),
-            values=torch.zeros(heads, device=device, dtype=dtype),
-            positions=slots(torch.long),
-            valid=slots(torch.bool),
-            share=slots(dtype),
-            window_keys=torch.zeros(heads, device=device, dtype=dtype),
-            window_values=torch.zeros(heads, device=device, dtype=dtype),
-            window_positions=slots(torch.long),
-            window_valid=slots(torch.bool),
-            position=torch.zeros(batch_size, dtype=torch.long, device=device),
-            evictions=torch.zeros(batch_size, dtype=torch.long, device=device),
+            window_keys=window["keys"],
+            window_values=window["values"],
+            window_positions=window["positions"],
+            window_valid=window["valid"],
+            **empty_cache(batch_size, device, dtype, heads),
         )
 
     def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         window = self.config.local_window
         stored = min(max(seq_len - window + 1, 0), self.config.memory_size)
         held = min(seq_len, window - 1)
-        value_bytes = torch.finfo(dtype).bits // 8
-        # Per slot: key and value (H * Dh each), position (long), mask (bool); the store's slots
-        # also carry their share.
-        per_window_slot = 2 * self.d_model * value_bytes + 8 + 1
-        per_store_slot = per_window_slot + value_bytes
+        # Per slot: key and value (H * Dh each), position and mask; only the store's slots carry
+        # a share.
+        per_window_slot = slot_bytes(2 * self.d_model, dtype, share=False)
+        per_store_slot = slot_bytes(2 * self.d_model, dtype)
         return stored * per_store_slot + held * per_window_slot + 2 * 8  # + two counters
-
-    def chunk_invariant(self) -> bool:
-        return self.config.forget_threshold == 0.0
-
-    @property
-    def _tracks_share(self) -> bool:
-        return self.config.forget_threshold > 0.0
 
     def _temperature(self) -> Tensor:
         return self.log_temperature.exp()  # [H]
 
     def _project(self, x: Tensor, start: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Unit-length queries and keys (unrotated), values `[B, T, H, Dh]`; positions `[B, T]`."""
-        batch, steps, _ = x.shape
-        positions = start[:, None] + torch.arange(steps, device=x.device)  # [B, T]
-        qkv = self.qkv(x).view(batch, steps, 3, self.n_heads, self.head_dim)
-        q, k, v = qkv.unbind(2)  # [B, T, H, Dh]
+        q, k, v, positions = self._split_qkv(x, start)
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, positions
 
     def forward(
@@ -282,7 +248,7 @@ class RetrievalLayer(MemoryLayer):
 
     def _candidates(self, state: RetrievalState, k: Tensor, v: Tensor) -> _Candidates:
         fresh_valid = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
-        chunk_pos = state.position[:, None] + torch.arange(k.shape[1], device=k.device)
+        chunk_pos = chunk_positions(state.position, k.shape[1])
         return _Candidates(
             keys=torch.cat([state.keys, state.window_keys, k], dim=1).detach(),
             values=torch.cat([state.values, state.window_values, v], dim=1).detach(),
@@ -410,14 +376,6 @@ class RetrievalLayer(MemoryLayer):
                 1, pair_slots.reshape(batch, -1), weighted.reshape(batch, -1), reduce="amax"
             )
 
-    def _keep(self, entered: Tensor, share: Tensor) -> Tensor:
-        """`[B, N + C]` bool: entries that stay in the store (candidates are in age order)."""
-        threshold, capacity = self.config.forget_threshold, self.config.memory_size
-        keep = keep_above_threshold(share, entered, threshold)
-        if threshold == 0.0:
-            return keep_newest(keep, capacity)
-        return keep_largest(keep, share, capacity)
-
     def _next_state(
         self, state: RetrievalState, candidates: _Candidates, share: Tensor, query_pos: Tensor
     ) -> RetrievalState:
@@ -428,9 +386,14 @@ class RetrievalLayer(MemoryLayer):
         fresh_entered = candidates.fresh_valid & (enters_at <= end)
         entered = torch.cat([state.valid, fresh_entered], dim=1)  # [B, N + C]
         keep = self._keep(entered, share)
-        (keys, values, positions, share), valid = compact_slots(
-            keep, [candidates.keys, candidates.values, candidates.positions, share]
-        )
+        slots = {
+            "keys": candidates.keys,
+            "values": candidates.values,
+            "positions": candidates.positions,
+            "share": share,
+        }
+        position = state.position + query_pos.shape[1]
+        store = next_cache(keep, entered, slots, position, state.evictions)
         stays = candidates.fresh_valid & ~fresh_entered
         (window_keys, window_values, window_positions), window_valid = compact_slots(
             stays,
@@ -441,38 +404,17 @@ class RetrievalLayer(MemoryLayer):
             ],
         )
         return RetrievalState(
-            keys=keys,
-            values=values,
-            positions=positions,
-            valid=valid,
-            share=share,
+            **store,
             window_keys=window_keys,
             window_values=window_values,
             window_positions=window_positions,
             window_valid=window_valid,
-            position=state.position + query_pos.shape[1],
-            evictions=state.evictions + (entered.sum(1) - keep.sum(1)),
         )
-
-    def reference_forward(
-        self, x: Tensor, state: RetrievalState | None = None
-    ) -> tuple[Tensor, RetrievalState]:
-        """One sequence and one token at a time, with Python lists of entries."""
-        state = self._state_or_init(x, state)
-        q, k, v, query_pos = self._project(x, state.position)
-        reads, rows = [], []
-        for b in range(x.shape[0]):
-            row = state.select(torch.tensor([b], device=x.device))
-            read, row_state = self._reference_row(q[b], k[b], v[b], query_pos[b], row)
-            reads.append(read)
-            rows.append(row_state)
-        y = self.out(torch.stack(reads).flatten(2))
-        return y, RetrievalState.stack(rows)
 
     def _reference_row(
         self, q: Tensor, k: Tensor, v: Tensor, query_pos: Tensor, row: RetrievalState
     ) -> tuple[Tensor, RetrievalState]:
-        """One sequence: `q, k, v: [T, H, Dh]`, `row` a state of batch 1 -> `[T, H, Dh]`, state."""
+        """One token at a time, with Python lists of entries."""
         held = _entries(row.keys.detach(), row.values.detach(), row.positions, row.valid, row.share)
         tokens = _entries(
             row.window_keys, row.window_values, row.window_positions, row.window_valid
@@ -543,14 +485,10 @@ class RetrievalLayer(MemoryLayer):
         return torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), values)
 
     def _reference_kept(self, held: list[_Entry]) -> list[_Entry]:
-        """The entries that stay in the store, oldest first."""
+        """The entries that stay in the store, oldest first (`held` is oldest first)."""
         threshold, capacity = self.config.forget_threshold, self.config.memory_size
-        kept = [e for e in held if threshold <= 0.0 or e.share >= threshold]
-        if len(kept) > capacity:
-            if threshold > 0.0:
-                kept = sorted(kept, key=lambda e: (e.share, e.position))
-            kept = kept[-capacity:]
-        return sorted(kept, key=lambda e: e.position)
+        positions, shares = [e.position for e in held], [e.share for e in held]
+        return [held[n] for n in reference_kept(positions, shares, threshold, capacity)]
 
     def _reference_pack(
         self,

@@ -8,11 +8,20 @@ from typing import Literal, Self
 
 import torch
 from pydantic import Field, model_validator
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
-from memory_models.common import compact_slots, keep_above_threshold, rotary
-from memory_models.layer import MemoryConfig, MemoryLayer
+from memory_models.cached_attention import FusedQKVLayer
+from memory_models.common import require_rotary_heads
+from memory_models.layer import MemoryConfig
+from memory_models.slot_cache import (
+    empty_cache,
+    keep_above_threshold,
+    kept_rows,
+    live_then_chunk,
+    next_cache,
+    slot_bytes,
+)
 from memory_models.state import MemoryState
 
 
@@ -94,12 +103,7 @@ class SparseConfig(MemoryConfig):
         return self
 
     def build(self, d_model: int) -> SparseLayer:
-        if d_model % self.n_heads != 0 or (d_model // self.n_heads) % 2 != 0:
-            raise ValueError(
-                f"n_heads={self.n_heads} does not fit d_model={d_model}: n_heads must divide "
-                "d_model into an even head width (rotary pairs); pick n_heads so that "
-                "d_model / n_heads is even"
-            )
+        require_rotary_heads(self.n_heads, d_model)
         return SparseLayer(self, d_model)
 
 
@@ -116,7 +120,7 @@ class _Held:
     cached: int  # the first `cached` entries come from the state, the rest from the chunk
 
 
-class SparseLayer(MemoryLayer):
+class SparseLayer(FusedQKVLayer):
     """Sparse Transformer attention (Child et al., 2019, section 4.2) with rotary positions (Su et
     al., 2021); the `longformer` pattern is Longformer's sliding window plus global attention
     (Beltagy et al., 2020, section 3.1), causal.
@@ -153,33 +157,15 @@ class SparseLayer(MemoryLayer):
     state_type = SparseState
     config: SparseConfig
 
-    def __init__(self, config: SparseConfig, d_model: int) -> None:
-        super().__init__(config, d_model)
-        self.n_heads = config.n_heads
-        self.head_dim = d_model // config.n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model)
-
     def init_state(
         self, batch_size: int, device=None, dtype: torch.dtype = torch.float32
     ) -> SparseState:
-        heads = (batch_size, 0, self.n_heads, self.head_dim)
-        counter = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return SparseState(
-            keys=torch.zeros(heads, device=device, dtype=dtype),
-            values=torch.zeros(heads, device=device, dtype=dtype),
-            positions=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
-            valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
-            share=torch.zeros(batch_size, 0, device=device, dtype=dtype),
-            position=counter,
-            window_start=self._window_start(counter),
-            evictions=counter.clone(),
-        )
+        cache = empty_cache(batch_size, device, dtype, (self.n_heads, self.head_dim))
+        return SparseState(window_start=self._window_start(cache["position"]), **cache)
 
     def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        value_bytes = torch.finfo(dtype).bits // 8
-        # Per slot: key and value (H * Dh each), position (long), mask (bool) and share.
-        per_slot = 2 * self.d_model * value_bytes + 8 + 1 + value_bytes
+        # Per slot: key and value (H * Dh each), position, mask and share.
+        per_slot = slot_bytes(2 * self.d_model, dtype)
         return self.slots(seq_len) * per_slot + 3 * 8  # + position, window_start, evictions
 
     def slots(self, seq_len: int) -> int:
@@ -190,13 +176,6 @@ class SparseLayer(MemoryLayer):
         if pattern == "fixed":
             return seq_len % block + min(self.config.summary_len * (seq_len // block), block)
         return min(seq_len, block - 1 + self.config.n_global)
-
-    def chunk_invariant(self) -> bool:
-        return self.config.forget_threshold == 0.0
-
-    @property
-    def _tracks_share(self) -> bool:
-        return self.config.forget_threshold > 0.0
 
     def _window_start(self, query: Tensor | int) -> Tensor | int:
         """First position of the local window of a query at `query` (int or long tensor)."""
@@ -215,15 +194,6 @@ class SparseLayer(MemoryLayer):
         if self.config.pattern == "longformer":
             return position < self.config.n_global
         return position >= 0  # strided: every position lies on some later query's column
-
-    def _project(self, x: Tensor, start: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Rotated queries and keys, values, and the chunk's absolute positions `[B, T]`."""
-        batch, steps, _ = x.shape
-        positions = start[:, None] + torch.arange(steps, device=x.device)  # [B, T]
-        qkv = self.qkv(x).view(batch, steps, 3, self.n_heads, self.head_dim)
-        q, k, v = qkv.unbind(2)  # [B, T, H, Dh]
-        base = self.config.rope_base
-        return rotary(q, positions, base), rotary(k, positions, base), v, positions
 
     def forward(self, x: Tensor, state: SparseState | None = None) -> tuple[Tensor, SparseState]:
         """`x: [B, T, D]` -> `y: [B, T, D]`, each query block over the keys it can reach."""
@@ -431,48 +401,30 @@ class SparseLayer(MemoryLayer):
         )  # [B, N]
         reach = window | long_range
         keep = keep_above_threshold(share, reach, self.config.forget_threshold)
-        (keys, values, positions, share), kept = compact_slots(
-            keep, [held.keys, held.values, held.positions, share]
-        )
-        return SparseState(
-            keys=keys,
-            values=values,
-            positions=positions,
-            valid=kept,
-            share=share,
-            position=position,
-            window_start=start,
-            evictions=state.evictions + (held.valid.sum(1) - keep.sum(1)),
-        )
+        slots = {
+            "keys": held.keys,
+            "values": held.values,
+            "positions": held.positions,
+            "share": share,
+        }
+        cache = next_cache(keep, held.valid, slots, position, state.evictions)
+        return SparseState(window_start=start, **cache)
 
     def reference_forward(
         self, x: Tensor, state: SparseState | None = None
     ) -> tuple[Tensor, SparseState]:
-        """One sequence and one query at a time: dense scores over every held key, the pattern's
-        boolean mask per head, softmax, weighted sum."""
-        state = self._state_or_init(x, state)
-        if x.shape[1] == 0:
-            return self.out(x), state
-        q, k, v, chunk_pos = self._project(x, state.position)
-        outputs, rows = [], []
-        for b in range(x.shape[0]):
-            row = state.select(torch.tensor([b], device=x.device))
-            read, row_state = self._reference_row(q[b], k[b], v[b], chunk_pos[b], row)
-            outputs.append(read)
-            rows.append(row_state)
-        y = self.out(torch.stack(outputs).flatten(2))
-        return y, SparseState.stack(rows)
+        if x.shape[1] == 0:  # an empty chunk reads nothing and changes nothing
+            return self.out(x), self._state_or_init(x, state)
+        return super().reference_forward(x, state)
 
     def _reference_row(
         self, q: Tensor, k: Tensor, v: Tensor, chunk_pos: Tensor, cache: SparseState
     ) -> tuple[Tensor, SparseState]:
-        """One sequence: `q, k, v: [T, H, Dh]`, `cache` of batch 1 -> reads `[T, H, Dh]`, state."""
-        live = cache.valid[0]
-        keys = torch.cat([cache.keys[0][live], k])  # [N, H, Dh]
-        values = torch.cat([cache.values[0][live], v])
-        key_pos = cache.positions[0][live].tolist() + chunk_pos.tolist()
-        share = torch.cat([cache.share[0][live], cache.share.new_zeros(len(chunk_pos))])
-        cached = int(live.sum())
+        """One query at a time: dense scores over every held key, the pattern's boolean mask per
+        head, softmax, weighted sum; then the keys the next query can reach, over lists."""
+        entries, key_pos = live_then_chunk(cache, {"keys": k, "values": v}, chunk_pos)
+        keys, values, share = entries["keys"], entries["values"], entries["share"]  # [N, ...]
+        cached = len(key_pos) - len(chunk_pos)
         reads = []
         for t, query in enumerate(chunk_pos.tolist()):
             held = cached + t + 1  # the cache and the chunk up to the query
@@ -484,20 +436,10 @@ class SparseLayer(MemoryLayer):
                 share[:held] = torch.maximum(share[:held], probs.mean(0).detach())
         next_pos = int(cache.position[0]) + len(chunk_pos)
         kept = self._reference_kept(key_pos, share.tolist(), next_pos)
-        index = torch.tensor(kept, dtype=torch.long, device=q.device)
-        row = SparseState(
-            keys=keys[index][None],
-            values=values[index][None],
-            positions=torch.tensor([key_pos[n] for n in kept], dtype=torch.long, device=q.device)[
-                None
-            ],
-            valid=torch.ones(1, len(kept), dtype=torch.bool, device=q.device),
-            share=share[index][None],
-            position=cache.position + len(chunk_pos),
-            window_start=torch.tensor([self._window_start(next_pos)], device=q.device),
-            evictions=cache.evictions + len(key_pos) - len(kept),
-        )
-        return torch.stack(reads), row
+        position = cache.position + len(chunk_pos)
+        row = kept_rows(kept, entries, key_pos, position, cache.evictions)
+        window_start = torch.tensor([self._window_start(next_pos)], device=q.device)
+        return torch.stack(reads), SparseState(window_start=window_start, **row)
 
     def _reference_reach(self, key_pos: list[int], query: int) -> tuple[list[int], list[int]]:
         """Indices of the held keys a query at `query` can reach: (its window, its long range).

@@ -65,6 +65,12 @@ class MemoryState:
         """Scalars a trainer or server logs about the memory (batch means)."""
         return {"live_entries": self.live_entries().float().mean().item()}
 
+    def _always_live(self, count: int) -> Tensor:
+        """`[B]` long, `count` everywhere: the live entries of a fixed-size state, all of whose
+        `count` entries are always in use."""
+        device = next(iter(self.tensors().values())).device
+        return torch.full((self.batch_size,), count, dtype=torch.long, device=device)
+
     @classmethod
     def stack(cls, states: Sequence[Self]) -> Self:
         """Concatenate states along the batch, padding differing slot counts (dim 1)."""
@@ -82,6 +88,18 @@ class MemoryState:
     def select(self, index: Tensor) -> Self:
         """Rows of the batch given by `index` (a long tensor), e.g. to reset finished streams."""
         return self._map(lambda t: t.index_select(0, index))
+
+
+@dataclasses.dataclass
+class SlotCacheState(MemoryState):
+    """A cache of slots whose live ones are marked by a bool `valid: [B, L]` and that counts the
+    entries it dropped in `evictions: [B]` long. Subclasses declare those fields with the rest."""
+
+    def live_entries(self) -> Tensor:
+        return self.valid.sum(1)
+
+    def metrics(self) -> dict[str, float]:
+        return {**super().metrics(), "evictions": self.evictions.float().mean().item()}
 
 
 def _cat_padded(tensors: list[Tensor]) -> Tensor:

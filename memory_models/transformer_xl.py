@@ -10,30 +10,27 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from memory_models.common import (
-    compact_slots,
+from memory_models.common import chunk_positions
+from memory_models.layer import MemoryConfig, MemoryLayer
+from memory_models.slot_cache import (
+    empty_cache,
     keep_above_threshold,
     keep_newest,
+    next_cache,
     rows_to_slots,
+    slot_bytes,
 )
-from memory_models.layer import MemoryConfig, MemoryLayer
-from memory_models.state import MemoryState
+from memory_models.state import SlotCacheState
 
 
 @dataclasses.dataclass
-class TransformerXLState(MemoryState):
+class TransformerXLState(SlotCacheState):
     memory: Tensor  # [B, M, D] layer inputs of the cached tokens, detached
     positions: Tensor  # [B, M] long: absolute position of each cached token
     valid: Tensor  # [B, M] bool: live slots (padding and evicted slots are False)
     share: Tensor  # [B, M] attention share each cached token got in the chunk that kept it
     position: Tensor  # [B] long: tokens seen so far, the position of the next token
     evictions: Tensor  # [B] long: cache entries dropped so far (threshold or capacity)
-
-    def live_entries(self) -> Tensor:
-        return self.valid.sum(1)
-
-    def metrics(self) -> dict[str, float]:
-        return {**super().metrics(), "evictions": self.evictions.float().mean().item()}
 
 
 class TransformerXLConfig(MemoryConfig):
@@ -101,24 +98,15 @@ class TransformerXLLayer(MemoryLayer):
     def init_state(
         self, batch_size: int, device=None, dtype: torch.dtype = torch.float32
     ) -> TransformerXLState:
-        def long(*shape: int) -> Tensor:
-            return torch.zeros(*shape, dtype=torch.long, device=device)
-
         return TransformerXLState(
             memory=torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype),
-            positions=long(batch_size, 0),
-            valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
-            share=torch.zeros(batch_size, 0, device=device, dtype=dtype),
-            position=long(batch_size),
-            evictions=long(batch_size),
+            **empty_cache(batch_size, device, dtype),
         )
 
     def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         slots = min(seq_len, self.config.memory_size)
-        value_bytes = torch.finfo(dtype).bits // 8
-        # Per slot: the cached input, its position (long), its mask (bool) and its share.
-        per_slot = self.d_model * value_bytes + 8 + 1 + value_bytes
-        return slots * per_slot + 2 * 8  # + position and evictions counters
+        # Per slot: the cached input, its position, its mask and its share.
+        return slots * slot_bytes(self.d_model, dtype) + 2 * 8  # + the two counters
 
     def chunk_invariant(self) -> bool:
         return False
@@ -145,8 +133,7 @@ class TransformerXLLayer(MemoryLayer):
     def _context(self, x: Tensor, state: TransformerXLState) -> tuple[Tensor, ...]:
         """Keys' inputs `[memory ; x]` with their positions and mask, and the queries' positions."""
         batch, steps, _ = x.shape
-        offsets = torch.arange(steps, device=x.device)
-        query_pos = state.position[:, None] + offsets  # [B, T]
+        query_pos = chunk_positions(state.position, steps)  # [B, T]
         context = torch.cat([state.memory, x], dim=1)  # [B, L, D]
         key_pos = torch.cat([state.positions, query_pos], dim=1)  # [B, L]
         fresh = torch.ones(batch, steps, dtype=torch.bool, device=x.device)
@@ -184,19 +171,10 @@ class TransformerXLLayer(MemoryLayer):
         """Cache = `[memory ; chunk]`, minus low-share entries, then the newest `memory_size`."""
         keep = keep_above_threshold(share, key_valid, self.config.forget_threshold)
         keep = keep_newest(keep, self.config.memory_size)
-        evicted = (key_valid & ~keep).sum(1)  # [B]
-        (memory, positions, kept_share), valid = compact_slots(
-            keep, [context.detach(), key_pos, share.detach()]
-        )
+        slots = {"memory": context.detach(), "positions": key_pos, "share": share.detach()}
         steps = context.shape[1] - state.memory.shape[1]
-        return TransformerXLState(
-            memory=memory,
-            positions=positions,
-            valid=valid,
-            share=kept_share,
-            position=state.position + steps,
-            evictions=state.evictions + evicted,
-        )
+        position = state.position + steps
+        return TransformerXLState(**next_cache(keep, key_valid, slots, position, state.evictions))
 
     def reference_forward(
         self, x: Tensor, state: TransformerXLState | None = None
@@ -270,11 +248,5 @@ class TransformerXLLayer(MemoryLayer):
     ) -> TransformerXLState:
         """Each sequence's kept entries at the front of zero-initialised slots."""
         memory, positions, valid, share = rows_to_slots(kept_rows, x)
-        return TransformerXLState(
-            memory=memory,
-            positions=positions,
-            valid=valid,
-            share=share,
-            position=state.position + x.shape[1],
-            evictions=evictions,
-        )
+        position = state.position + x.shape[1]
+        return TransformerXLState(memory, positions, valid, share, position, evictions)

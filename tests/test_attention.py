@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -10,16 +9,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from layer_helpers import (
+    UNEVEN_CHUNKS,
+    assert_chunked_equals_full,
+    assert_empty_slots_change_nothing,
     assert_fast_matches_reference,
-    assert_states_close,
-    grads,
+    assert_higher_threshold_never_keeps_more,
+    assert_padded_batch_equals_each_alone,
+    assert_refused_naming,
     randn,
     run_chunks,
+    streamed_states,
+    warm_state,
+    warm_states,
     with_config,
 )
-from pydantic import ValidationError
 
-from memory_models.attention import AttentionConfig, AttentionLayer, AttentionState
+from memory_models.attention import AttentionConfig, AttentionLayer
 from memory_models.common import rotary
 
 D_MODEL = 16
@@ -37,20 +42,10 @@ def make_layer(memory_size: int | None = WINDOW, threshold: float = 0.0) -> Atte
 @pytest.mark.parametrize(("memory_size", "threshold"), SETTINGS)
 def test_fast_matches_reference(memory_size, threshold, steps):
     layer = make_layer(memory_size, threshold)
-    with torch.no_grad():
-        # A non-empty cache, so cache and chunk keys both matter.
-        _, warm = layer(randn(2, 11, D_MODEL))
+    # A non-empty cache, so cache and chunk keys both matter.
+    warm = warm_state(layer, 2, 11)
     x = randn(2, steps, D_MODEL).requires_grad_()
-    y_fast, s_fast = layer(x, warm)
-    y_ref, s_ref = layer.reference_forward(x, warm)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
-    weights = torch.randn_like(y_fast)
-    inputs = [x, *layer.parameters()]
-    for g_fast, g_ref in zip(
-        grads(y_fast, weights, inputs), grads(y_ref, weights, inputs), strict=True
-    ):
-        torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=0)
+    assert_fast_matches_reference(layer, x, state=warm, gradients=[x, *layer.parameters()])
 
 
 @pytest.mark.parametrize(("memory_size", "threshold"), SETTINGS)
@@ -66,16 +61,8 @@ def test_chunked_equals_full_pass_at_threshold_zero(memory_size):
     layer = make_layer(memory_size)
     assert layer.chunk_invariant()
     x = randn(2, 33, D_MODEL).requires_grad_()
-    y_full, s_full = layer(x)
-    y_chunked, s_chunked = run_chunks(layer, x, None, [5, 1, 11, 16])
-    torch.testing.assert_close(y_chunked, y_full, atol=1e-9, rtol=0)
-    assert_states_close(s_chunked, s_full)
     # The cache keeps its autograd history, so gradients agree across chunkings too.
-    weights = torch.randn_like(y_full)
-    for g_chunked, g_full in zip(
-        grads(y_chunked, weights, [x]), grads(y_full, weights, [x]), strict=True
-    ):
-        torch.testing.assert_close(g_chunked, g_full, atol=1e-9, rtol=0)
+    assert_chunked_equals_full(layer, x, UNEVEN_CHUNKS, gradients=[x])
 
 
 def test_threshold_makes_the_layer_chunk_dependent():
@@ -128,10 +115,7 @@ def test_state_size_bytes_is_exact_at_threshold_zero(memory_size):
 )
 def test_live_entries_never_exceed_memory_size(memory_size, threshold, chunks, scale):
     layer = make_layer(memory_size, threshold)
-    state = None
-    for size in chunks:
-        with torch.no_grad():
-            _, state = layer(scale * randn(3, size, D_MODEL), state)
+    for state in streamed_states(layer, chunks, batch=3, scale=scale):
         assert (state.live_entries() <= memory_size).all()
         assert state.valid.sum(1).equal(state.live_entries())
 
@@ -139,16 +123,8 @@ def test_live_entries_never_exceed_memory_size(memory_size, threshold, chunks, s
 @pytest.mark.parametrize("memory_size", [None, WINDOW])
 def test_higher_threshold_never_keeps_more(memory_size):
     base = make_layer(memory_size)
-    with torch.no_grad():
-        _, warm = base(randn(4, 13, D_MODEL))
-        x = randn(4, 19, D_MODEL)
-        live = []
-        for threshold in (0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8):
-            _, state = with_config(base, forget_threshold=threshold)(x, warm)
-            live.append(state.live_entries())
-    for looser, stricter in itertools.pairwise(live):
-        assert (stricter <= looser).all()
-    assert (live[-1] < live[0]).any(), "the threshold must really evict"
+    warm = warm_state(base, 4, 13)
+    assert_higher_threshold_never_keeps_more(base, randn(4, 19, D_MODEL), warm)
 
 
 def oracle_share(layer: AttentionLayer, x: torch.Tensor) -> torch.Tensor:
@@ -209,40 +185,14 @@ def test_threshold_without_window_keeps_exactly_the_entries_above_it():
 @pytest.mark.parametrize(("memory_size", "threshold"), SETTINGS)
 def test_padded_batch_equals_each_sequence_alone(memory_size, threshold):
     layer = make_layer(memory_size, threshold)
-    with torch.no_grad():
-        states = [layer(randn(1, n, D_MODEL))[1] for n in (2, 17, 9)]
-        stacked = AttentionState.stack(states)
-        step = randn(3, 5, D_MODEL)
-        y_batched, s_batched = layer(step, stacked)
-        for i, state in enumerate(states):
-            y_alone, s_alone = layer(step[i : i + 1], state)
-            torch.testing.assert_close(y_batched[i : i + 1], y_alone, atol=1e-9, rtol=0)
-            row = s_batched.split(1)[i]
-            slots = s_alone.keys.shape[1]
-            assert not row.valid[0, slots:].any()
-            assert_states_close(
-                AttentionState(
-                    **{k: v[:, :slots] if v.dim() > 1 else v for k, v in row.tensors().items()}
-                ),
-                s_alone,
-            )
+    states = warm_states(layer, (2, 17, 9))
+    assert_padded_batch_equals_each_alone(layer, states, randn(3, 5, D_MODEL))
 
 
 def test_extra_zero_slots_change_nothing():
     layer = make_layer(WINDOW, 0.1)
-    with torch.no_grad():
-        _, state = layer(randn(2, 12, D_MODEL))
-        wide = AttentionState(
-            **{
-                name: torch.cat([t, torch.zeros_like(t[:, :3])], 1) if t.dim() > 1 else t
-                for name, t in state.tensors().items()
-            }
-        )
-        x = randn(2, 6, D_MODEL)
-        y, s = layer(x, state)
-        y_wide, s_wide = layer(x, wide)
-    torch.testing.assert_close(y_wide, y, atol=1e-12, rtol=0)
-    assert_states_close(s_wide, s)
+    state = warm_state(layer, 2, 12)
+    assert_empty_slots_change_nothing(layer, state, randn(2, 6, D_MODEL))
 
 
 def test_float32_state_and_metrics():
@@ -274,11 +224,4 @@ def test_config_defaults_and_json():
     ],
 )
 def test_bad_configs_name_the_field(fields, name):
-    with pytest.raises(ValidationError, match=name):
-        AttentionConfig(**fields)
-
-
-@pytest.mark.parametrize(("n_heads", "d_model"), [(3, 16), (4, 12)])
-def test_heads_that_do_not_fit_d_model_are_refused(n_heads, d_model):
-    with pytest.raises(ValueError, match="n_heads"):
-        AttentionConfig(n_heads=n_heads).build(d_model)
+    assert_refused_naming(AttentionConfig, fields, name)

@@ -10,12 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from layer_helpers import (
     D_MODEL,
+    adam_losses,
+    assert_chunked_equals_full,
+    assert_fast_matches_reference,
+    assert_finite,
+    assert_padded_batch_equals_each_alone,
     assert_states_close,
-    grads,
     make_layer,
     randn,
     run_chunks,
     warm_state,
+    warm_states,
     with_config,
 )
 from torch.nn import functional as F
@@ -147,15 +152,7 @@ def test_fast_matches_reference(kind, threshold, steps, warm):
     layer = layer_of(kind, threshold, chunk_size=16)
     state = warm_state(layer, 2, 11) if warm else None
     x = randn(2, steps, D_MODEL).requires_grad_()
-    y_fast, s_fast = layer(x, state)
-    y_ref, s_ref = layer.reference_forward(x, state)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
-    weights, inputs = torch.randn_like(y_fast), [x, *layer.parameters()]
-    for g_fast, g_ref in zip(
-        grads(y_fast, weights, inputs), grads(y_ref, weights, inputs), strict=True
-    ):
-        torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=0)
+    assert_fast_matches_reference(layer, x, state=state, gradients=[x, *layer.parameters()])
 
 
 @pytest.mark.parametrize("calls", [[33], [1, 7, 3, 22], [16, 17], [5, 1, 11, 16]])
@@ -167,15 +164,15 @@ def test_any_split_into_calls_equals_the_full_pass(kind, threshold, chunk_size, 
     layer = with_config(full, chunk_size=chunk_size)
     assert layer.chunk_invariant()
     x = randn(2, 33, D_MODEL).requires_grad_()
-    y_full, s_full = full(x)
-    y_split, s_split = run_chunks(layer, x, None, calls)
-    torch.testing.assert_close(y_split, y_full, atol=1e-9, rtol=0)
-    assert_states_close(s_split, s_full)
     # The state keeps its autograd history, so gradients agree across splits too.
-    weights = torch.randn_like(y_full)
-    torch.testing.assert_close(
-        grads(y_split, weights, [x])[0], grads(y_full, weights, [x])[0], atol=1e-9, rtol=0
-    )
+    assert_chunked_equals_full(layer, x, calls, full=full, gradients=[x])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_memory_size_is_the_key_dimension(kind):
+    layer = make_layer(kind, memory_size=6, n_heads=2)
+    assert layer.query.weight.shape == (12, 16) and layer.key.weight.shape == (12, 16)
+    assert layer.init_state(3).memory.shape == (3, 2, 6, 8)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -196,14 +193,8 @@ def test_state_is_flat_in_sequence_length_and_counted_exactly(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_padded_batches_equal_each_sequence_alone_state_included(kind):
     layer = layer_of(kind)
-    with torch.no_grad():
-        states = [layer(randn(1, n, D_MODEL))[1] for n in (2, 17, 9)]
-        step = randn(3, 5, D_MODEL)
-        y_batched, s_batched = layer(step, layer.state_type.stack(states))
-        for i, state in enumerate(states):
-            y_alone, s_alone = layer(step[i : i + 1], state)
-            torch.testing.assert_close(y_batched[i : i + 1], y_alone, atol=1e-9, rtol=0)
-            assert_states_close(s_batched.split(1)[i], s_alone)
+    states = warm_states(layer, (2, 17, 9))
+    assert_padded_batch_equals_each_alone(layer, states, randn(3, 5, D_MODEL))
 
 
 def snapped_reference(layer: MemoryLayer, x: torch.Tensor, threshold: float, state, monkeypatch):
@@ -269,16 +260,7 @@ def test_float32_has_a_pulse(kind, threshold):
     layer = make_layer(kind, threshold=threshold, n_heads=2, dtype=torch.float32)
     x = torch.randn(4, 512, D_MODEL)
     with torch.no_grad():
-        y, state = run_chunks(layer, x, None, [64] * 8)
-    assert torch.isfinite(y).all()
-    assert all(torch.isfinite(t).all() for t in state.tensors().values())
+        assert_finite(*run_chunks(layer, x, None, [64] * 8))
     target = torch.roll(x[:, :64], shifts=1, dims=1)  # recall the previous token
-    optimiser = torch.optim.Adam(layer.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = F.mse_loss(layer(x[:, :64])[0], target)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses = adam_losses(layer, x[:, :64], target, steps=8)
     assert losses[-1] < losses[0]

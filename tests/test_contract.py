@@ -10,8 +10,12 @@ import pytest
 import torch
 from layer_helpers import (
     UNEVEN_CHUNKS,
+    assert_chunked_equals_full,
     assert_fast_matches_reference,
+    assert_padded_batch_equals_each_alone,
+    assert_refused_naming,
     assert_states_close,
+    registry_config,
     run_chunks,
 )
 from pydantic import ValidationError
@@ -133,19 +137,7 @@ def test_causal(kind):
 def test_fast_path_matches_reference_in_chunks(kind, threshold):
     layer = make_layer(kind, threshold)
     x = torch.randn(3, sum(UNEVEN_CHUNKS), D_MODEL, dtype=torch.float64, requires_grad=True)
-    y_fast, y_ref = assert_fast_matches_reference(layer, x, UNEVEN_CHUNKS)
-
-    weights = torch.randn_like(y_fast)
-    grads_fast = torch.autograd.grad(
-        (y_fast * weights).sum(), [x, *layer.parameters()], allow_unused=True
-    )
-    grads_ref = torch.autograd.grad(
-        (y_ref * weights).sum(), [x, *layer.parameters()], allow_unused=True
-    )
-    for g_fast, g_ref in zip(grads_fast, grads_ref, strict=True):
-        assert (g_fast is None) == (g_ref is None)
-        if g_fast is not None:
-            torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=0)
+    assert_fast_matches_reference(layer, x, UNEVEN_CHUNKS, gradients=[x, *layer.parameters()])
 
 
 @pytest.mark.parametrize("threshold", THRESHOLDS)
@@ -155,10 +147,7 @@ def test_chunked_equals_full_pass_when_chunk_invariant(kind, threshold):
     if not layer.chunk_invariant():
         pytest.skip(f"{kind} at threshold {threshold} decides at chunk ends; covered by reference")
     x = torch.randn(3, sum(UNEVEN_CHUNKS), D_MODEL, dtype=torch.float64)
-    y_full, s_full = layer(x)
-    y_chunked, s_chunked = run_chunks(layer, x, None, UNEVEN_CHUNKS)
-    torch.testing.assert_close(y_chunked, y_full, atol=1e-9, rtol=0)
-    assert_states_close(s_chunked, s_full)
+    assert_chunked_equals_full(layer, x, UNEVEN_CHUNKS)
 
 
 @pytest.mark.parametrize("threshold", THRESHOLDS)
@@ -228,11 +217,8 @@ def test_sessions_of_different_lengths_batch_together(kind):
     histories = [torch.randn(1, n, D_MODEL, dtype=torch.float64) for n in (3, 20, 11)]
     with torch.no_grad():
         states = [layer(h)[1] for h in histories]
-        step = torch.randn(3, 4, D_MODEL, dtype=torch.float64)
-        y_batched, _ = layer(step, layer.state_type.stack(states))
-        for i, state in enumerate(states):
-            y_alone, _ = layer(step[i : i + 1], state)
-            torch.testing.assert_close(y_batched[i : i + 1], y_alone, atol=1e-9, rtol=0)
+    step = torch.randn(3, 4, D_MODEL, dtype=torch.float64)
+    assert_padded_batch_equals_each_alone(layer, states, step)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -271,9 +257,7 @@ def test_config_round_trips_through_json(kind):
     ],
 )
 def test_bad_configs_name_the_field(kind, override, field):
-    with pytest.raises(ValidationError) as error:
-        memory_config({"kind": kind, **override})
-    assert field in str(error.value)
+    assert_refused_naming(registry_config(kind), override, field)
 
 
 def test_unknown_kind_is_refused_with_the_known_ones():

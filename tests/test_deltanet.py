@@ -7,7 +7,21 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_helpers import assert_states_close, grads, randn, run_chunks, warm_state, with_config
+from layer_helpers import (
+    UNEVEN_CHUNKS,
+    adam_losses,
+    assert_chunked_equals_full,
+    assert_fast_matches_reference,
+    assert_padded_batch_equals_each_alone,
+    assert_refused_naming,
+    assert_states_close,
+    randn,
+    registry_config,
+    run_chunks,
+    warm_state,
+    warm_states,
+    with_config,
+)
 from pydantic import ValidationError
 
 from memory_models.deltanet import (
@@ -141,16 +155,7 @@ def test_fast_matches_reference(gated, threshold, conv_size, steps):
     layer = make_layer(gated, threshold, conv_size)
     warm = warm_state(layer, 2, 11)
     x = randn(2, steps, D_MODEL).requires_grad_()
-    y_fast, s_fast = layer(x, warm)
-    y_ref, s_ref = layer.reference_forward(x, warm)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
-    weights = torch.randn_like(y_fast)
-    inputs = [x, *layer.parameters()]
-    for g_fast, g_ref in zip(
-        grads(y_fast, weights, inputs), grads(y_ref, weights, inputs), strict=True
-    ):
-        torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=0)
+    assert_fast_matches_reference(layer, x, state=warm, gradients=[x, *layer.parameters()])
 
 
 def test_the_threshold_setting_really_resets():
@@ -176,14 +181,8 @@ def test_streaming_in_chunks_equals_the_full_pass(gated, threshold, conv_size):
     layer = make_layer(gated, threshold, conv_size)
     assert layer.chunk_invariant()
     x = randn(2, 33, D_MODEL).requires_grad_()
-    y_full, s_full = layer(x)
-    y_chunked, s_chunked = run_chunks(layer, x, None, [5, 1, 11, 16])
-    torch.testing.assert_close(y_chunked, y_full, atol=1e-9, rtol=0)
-    assert_states_close(s_chunked, s_full)
     # The state keeps its autograd history, so gradients agree across calls too.
-    weights = torch.randn_like(y_full)
-    g_chunked, g_full = grads(y_chunked, weights, [x]), grads(y_full, weights, [x])
-    torch.testing.assert_close(g_chunked[0], g_full[0], atol=1e-9, rtol=0)
+    assert_chunked_equals_full(layer, x, UNEVEN_CHUNKS, gradients=[x])
 
 
 @settings(max_examples=10, deadline=None)
@@ -196,10 +195,7 @@ def test_any_split_equals_the_full_pass(calls, chunk_size, conv_size):
     layer = make_layer(True, 0.0, conv_size, chunk_size)
     x = randn(2, sum(calls), D_MODEL)
     with torch.no_grad():
-        y_full, s_full = layer(x)
-        y_split, s_split = run_chunks(layer, x, None, calls)
-    torch.testing.assert_close(y_split, y_full, atol=1e-9, rtol=0)
-    assert_states_close(s_split, s_full)
+        assert_chunked_equals_full(layer, x, calls)
 
 
 @pytest.mark.parametrize("conv_size", [None, 4])
@@ -272,24 +268,13 @@ def test_ungated_deltanet_refuses_a_threshold():
     ],
 )
 def test_bad_settings_name_the_field(override, field):
-    with pytest.raises(ValidationError, match=field):
-        memory_config({"kind": "deltanet", **override})
-
-
-def test_heads_must_divide_the_width():
-    with pytest.raises(ValueError, match="n_heads=3"):
-        DeltaNetConfig(n_heads=3).build(D_MODEL)
+    assert_refused_naming(registry_config("deltanet"), override, field)
 
 
 def test_padded_batches_with_a_convolution_equal_each_sequence_alone():
     layer = make_layer(conv_size=3)
-    with torch.no_grad():
-        states = [layer(randn(1, n, D_MODEL))[1] for n in (1, 20, 7)]
-        step = randn(3, 5, D_MODEL)
-        y, _ = layer(step, layer.state_type.stack(states))
-        for i, state in enumerate(states):
-            y_alone, _ = layer(step[i : i + 1], state)
-            torch.testing.assert_close(y[i : i + 1], y_alone, atol=1e-9, rtol=0)
+    states = warm_states(layer, (1, 20, 7))
+    assert_padded_batch_equals_each_alone(layer, states, randn(3, 5, D_MODEL))
 
 
 @pytest.mark.parametrize(
@@ -323,13 +308,5 @@ def test_has_a_pulse():
     """A few Adam steps on a toy regression lower the loss."""
     layer = make_layer(dtype=torch.float32, conv_size=4)
     x = torch.randn(4, 32, D_MODEL)
-    target = torch.roll(x, shifts=1, dims=1)
-    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = (layer(x)[0] - target).square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = adam_losses(layer, x, torch.roll(x, shifts=1, dims=1), steps=8)
     assert losses[-1] < losses[0]

@@ -9,8 +9,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_helpers import assert_states_close, randn, warm_state, with_config
-from pydantic import ValidationError
+from layer_helpers import (
+    UNEVEN_CHUNKS,
+    assert_padded_batch_equals_each_alone,
+    assert_refused_naming,
+    assert_same_gradients,
+    assert_states_close,
+    orthonormal,
+    randn,
+    states_at_thresholds,
+    warm_state,
+    warm_states,
+    with_config,
+)
 
 from memory_models.dynamic_memory import (
     STEP_STATS,
@@ -21,7 +32,6 @@ from memory_models.dynamic_memory import (
 
 D_MODEL = 16
 MEMORY_SIZE = 8
-UNEVEN_CHUNKS = [5, 1, 11, 16]  # 33 tokens
 
 
 def make_layer(threshold: float = 0.0, **fields) -> DynamicMemoryLayer:
@@ -56,10 +66,6 @@ def hand_set_state(layer: DynamicMemoryLayer, contents: torch.Tensor) -> Dynamic
     return state
 
 
-def orthonormal(count: int) -> torch.Tensor:
-    return torch.linalg.qr(randn(D_MODEL, count))[0].T  # [count, D]
-
-
 @pytest.mark.parametrize(
     ("threshold", "n_heads", "match_threshold"),
     [(0.0, 1, 0.8), (0.4, 2, 0.8), (0.6, 1, 0.3)],
@@ -78,15 +84,7 @@ def test_fast_matches_reference_outputs_state_stats_and_gradients(
     assert_states_close(s_fast, s_ref)
     for name in STEP_STATS:
         assert torch.equal(stats_fast[name], layer.last_step_stats[name]), name
-
-    weights = torch.randn_like(y_fast)
-    inputs = [x, *layer.parameters()]
-    grads_fast = torch.autograd.grad((y_fast * weights).sum(), inputs, allow_unused=True)
-    grads_ref = torch.autograd.grad((y_ref * weights).sum(), inputs, allow_unused=True)
-    for g_fast, g_ref in zip(grads_fast, grads_ref, strict=True):
-        assert (g_fast is None) == (g_ref is None)
-        if g_fast is not None:
-            torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=0)
+    assert_same_gradients(y_fast, y_ref, [x, *layer.parameters()])
 
 
 def test_reference_exercises_merges_allocations_and_both_evictions():
@@ -193,10 +191,7 @@ def test_raising_forget_threshold_never_increases_live_slots(
     high = min(low + raise_by, 0.99)
     base = make_layer(0.0, importance_decay=decay, match_threshold=0.5)
     state = warm_state(base, 4, warm_tokens)
-    x = randn(4, 1, D_MODEL)
-    with torch.no_grad():
-        _, s_low = with_config(base, forget_threshold=low)(x, state)
-        _, s_high = with_config(base, forget_threshold=high)(x, state)
+    s_low, s_high = states_at_thresholds(base, randn(4, 1, D_MODEL), state, [low, high])
     assert (s_high.live_entries() <= s_low.live_entries()).all()
     assert not (s_high.live & ~s_low.live).any()
 
@@ -219,7 +214,7 @@ def test_higher_forget_threshold_holds_fewer_slots_over_a_long_stream():
 
 
 def test_forget_threshold_frees_unread_slots_and_keeps_the_read_one():
-    patterns = orthonormal(4)
+    patterns = orthonormal(4, D_MODEL)
     for threshold, survivors in ((0.0, 4), (0.5, 1)):
         layer = identity_layer(threshold)
         state = hand_set_state(layer, patterns)
@@ -241,7 +236,7 @@ def test_forget_threshold_frees_unread_slots_and_keeps_the_read_one():
 
 def test_capacity_grows_on_novel_content_and_not_on_repeated_content():
     layer = identity_layer()
-    novel = orthonormal(MEMORY_SIZE + 3)[None]  # [1, M+3, D]: pairwise cosine 0
+    novel = orthonormal(MEMORY_SIZE + 3, D_MODEL)[None]  # [1, M+3, D]: pairwise cosine 0
     with torch.no_grad():
         _, state = layer(novel)
     stats = layer.last_step_stats
@@ -258,7 +253,7 @@ def test_capacity_grows_on_novel_content_and_not_on_repeated_content():
 
 def test_full_memory_displaces_the_least_important_slot():
     layer = identity_layer()
-    patterns = orthonormal(MEMORY_SIZE + 1)
+    patterns = orthonormal(MEMORY_SIZE + 1, D_MODEL)
     state = hand_set_state(layer, patterns[:MEMORY_SIZE])
     state.importance[0] = torch.linspace(2.0, 3.0, MEMORY_SIZE, dtype=torch.float64)
     state.importance[0, 5] = 0.5
@@ -271,7 +266,7 @@ def test_full_memory_displaces_the_least_important_slot():
 
 def test_a_hand_set_slot_is_read_back_with_its_key():
     layer = identity_layer()
-    directions = orthonormal(5)
+    directions = orthonormal(5, D_MODEL)
     contents = directions * torch.tensor([3.0, 0.5, 1.0, 7.0, 2.0], dtype=torch.float64)[:, None]
     state = hand_set_state(layer, contents)
     for j in range(5):
@@ -282,7 +277,7 @@ def test_a_hand_set_slot_is_read_back_with_its_key():
 
 def test_a_pattern_written_by_the_layer_is_read_back_later():
     layer = identity_layer()
-    patterns = orthonormal(6)
+    patterns = orthonormal(6, D_MODEL)
     with torch.no_grad():
         _, state = layer(patterns[None])  # six novel patterns, six slots
         y, _ = layer(patterns[[2, 4, 0]][None], state)
@@ -299,16 +294,10 @@ def test_empty_memory_reads_zeros():
 def test_padded_batch_equals_each_sequence_alone():
     layer = make_layer(0.5, match_threshold=0.4)
     states = [layer.init_state(1, dtype=torch.float64)]
-    states += [warm_state(layer, 1, n) for n in (4, 30)]
+    states += warm_states(layer, (4, 30))
     stacked = DynamicMemoryState.stack(states)
     assert stacked.live_entries().unique().numel() > 1  # different live counts in one batch
-    x = randn(3, 9, D_MODEL)
-    with torch.no_grad():
-        y_batched, s_batched = layer(x, stacked)
-        for i, state in enumerate(states):
-            y_alone, s_alone = layer(x[i : i + 1], state)
-            torch.testing.assert_close(y_batched[i : i + 1], y_alone, atol=1e-9, rtol=0)
-            assert_states_close(s_batched.split(1)[i], s_alone)
+    assert_padded_batch_equals_each_alone(layer, states, randn(3, 9, D_MODEL))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -339,9 +328,7 @@ def test_metrics_report_live_slots_and_counters():
     ],
 )
 def test_bad_configs_name_the_field(fields, field):
-    with pytest.raises(ValidationError) as error:
-        DynamicMemoryConfig(**fields)
-    assert field in str(error.value)
+    assert_refused_naming(DynamicMemoryConfig, fields, field)
 
 
 def test_config_defaults_and_slot_size():

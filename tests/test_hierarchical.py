@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from layer_helpers import assert_states_close, grads, randn, run_chunks, with_config
-from pydantic import ValidationError
+from layer_helpers import (
+    adam_losses,
+    assert_chunked_equals_full,
+    assert_fast_matches_reference,
+    assert_finite,
+    assert_higher_threshold_never_keeps_more,
+    assert_padded_batch_equals_each_alone,
+    assert_refused_naming,
+    assert_states_close,
+    randn,
+    run_chunks,
+    streamed_states,
+    warm_states,
+    with_config,
+)
 
 from memory_models.hierarchical import HierarchicalConfig, HierarchicalLayer, HierarchicalState
 
@@ -26,16 +37,6 @@ def make_layer(
     return config.build(D_MODEL).double()
 
 
-def assert_grads_close(y_a, y_b, inputs) -> None:
-    """Same gradients of a random weighted sum; an unused input counts as a zero gradient."""
-    weights = torch.randn_like(y_a)
-    pairs = zip(grads(y_a, weights, inputs), grads(y_b, weights, inputs), inputs, strict=True)
-    for g_a, g_b, t in pairs:
-        g_a = torch.zeros_like(t) if g_a is None else g_a
-        g_b = torch.zeros_like(t) if g_b is None else g_b
-        torch.testing.assert_close(g_a, g_b, atol=1e-9, rtol=0)
-
-
 @pytest.mark.parametrize("steps", [1, 33, 63])
 @pytest.mark.parametrize("warm_tokens", [0, 11])
 @pytest.mark.parametrize("threshold", THRESHOLDS)
@@ -47,11 +48,9 @@ def test_fast_matches_reference(threshold, warm_tokens, steps):
             # 11 tokens: two closed segments in the bank and three open-segment inputs.
             _, warm = layer(randn(2, warm_tokens, D_MODEL))
     x = randn(2, steps, D_MODEL).requires_grad_()
-    y_fast, s_fast = layer(x, warm)
-    y_ref, s_ref = layer.reference_forward(x, warm)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
-    assert_grads_close(y_fast, y_ref, [x, *layer.parameters()])
+    # An input or weight one path does not use counts as a zero gradient.
+    gradients = [x, *layer.parameters()]
+    assert_fast_matches_reference(layer, x, state=warm, gradients=gradients, unused="zero")
 
 
 @pytest.mark.parametrize("chunks", [[1, 1, 9, 3, 17, 1, 8], [3] * 13 + [1], [40]])
@@ -59,11 +58,8 @@ def test_fast_matches_reference(threshold, warm_tokens, steps):
 def test_fast_matches_reference_in_chunks_that_cut_segments(threshold, chunks):
     layer = make_layer(threshold)
     x = randn(3, sum(chunks), D_MODEL).requires_grad_()
-    y_fast, s_fast = run_chunks(layer, x, None, chunks)
-    y_ref, s_ref = run_chunks(layer.reference_forward, x, None, chunks)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
-    assert_grads_close(y_fast, y_ref, [x, *layer.parameters()])
+    gradients = [x, *layer.parameters()]
+    assert_fast_matches_reference(layer, x, chunks, gradients=gradients, unused="zero")
 
 
 def test_chunked_equals_full_pass_at_threshold_zero():
@@ -72,12 +68,9 @@ def test_chunked_equals_full_pass_at_threshold_zero():
     assert not make_layer(0.2).chunk_invariant()
     x = randn(2, 33, D_MODEL).requires_grad_()
     for chunks in ([5, 1, 11, 16], [3] * 11, [2, 31]):
-        y_full, s_full = layer(x)
-        y_chunked, s_chunked = run_chunks(layer, x, None, chunks)
-        torch.testing.assert_close(y_chunked, y_full, atol=1e-9, rtol=0)
-        assert_states_close(s_chunked, s_full)
         # Open inputs and summaries keep their autograd history: gradients agree too.
-        assert_grads_close(y_chunked, y_full, [x, *layer.parameters()])
+        gradients = [x, *layer.parameters()]
+        assert_chunked_equals_full(layer, x, chunks, gradients=gradients, unused="zero")
 
 
 def test_pooling_weights_sum_to_one_and_a_dominant_token_wins():
@@ -151,10 +144,7 @@ def test_without_summary_projections_segments_are_independent():
 def test_state_is_bounded(threshold, steps):
     layer = make_layer(threshold).float()
     bound = (SEGMENT - 1) * D_MODEL * 4 + SUMMARIES * (D_MODEL * 4 + 8 + 1 + 4) + 16
-    state = None
-    for _ in range(steps // 64):
-        with torch.no_grad():
-            _, state = layer(3.0 * torch.randn(2, 64, D_MODEL), state)
+    for state in streamed_states(layer, [64] * (steps // 64), batch=2, scale=3.0):
         assert (state.live_entries() <= SUMMARIES).all()
         assert state.open_inputs.shape[1] <= SEGMENT - 1
         assert state.nbytes_per_sequence() <= bound
@@ -252,37 +242,17 @@ def test_higher_threshold_never_keeps_more():
     base = make_layer(memory_size=6)
     with torch.no_grad():
         _, warm = with_config(base, forget_threshold=1e-12)(randn(4, 13, D_MODEL))
-        x = 2.0 * randn(4, 19, D_MODEL)
-        live = []
-        for threshold in (1e-12, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8):
-            _, state = with_config(base, forget_threshold=threshold)(x, warm)
-            live.append(state.live_entries())
-    for looser, stricter in itertools.pairwise(live):
-        assert (stricter <= looser).all()
-    assert (live[-1] < live[0]).any(), "the threshold must really evict"
+    x, thresholds = 2.0 * randn(4, 19, D_MODEL), (1e-12, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8)
+    live = assert_higher_threshold_never_keeps_more(base, x, warm, thresholds)
     assert (live[-1] >= 1).all(), "the newest summary always stays"
 
 
 @pytest.mark.parametrize("threshold", THRESHOLDS)
 def test_padded_batch_equals_each_sequence_alone(threshold):
     layer = make_layer(threshold)
-    with torch.no_grad():
-        # Different open segments (2, 1, 0 tokens) and bank sizes (empty, capped, filling).
-        states = [layer(randn(1, n, D_MODEL))[1] for n in (2, 17, 12)]
-        stacked = HierarchicalState.stack(states)
-        step = randn(3, 6, D_MODEL)
-        y_batched, s_batched = layer(step, stacked)
-        for i, state in enumerate(states):
-            y_alone, s_alone = layer(step[i : i + 1], state)
-            torch.testing.assert_close(y_batched[i : i + 1], y_alone, atol=1e-9, rtol=0)
-            row = s_batched.split(1)[i]
-            slots, open_slots = s_alone.summaries.shape[1], s_alone.open_inputs.shape[1]
-            assert not row.valid[0, slots:].any()
-            trimmed = {
-                name: t[:, :slots] if t.dim() > 1 else t for name, t in row.tensors().items()
-            }
-            trimmed["open_inputs"] = row.open_inputs[:, :open_slots]
-            assert_states_close(HierarchicalState(**trimmed), s_alone)
+    # Different open segments (2, 1, 0 tokens) and bank sizes (empty, capped, filling).
+    states = warm_states(layer, (2, 17, 12))
+    assert_padded_batch_equals_each_alone(layer, states, randn(3, 6, D_MODEL))
 
 
 def test_float32_stays_finite_and_learns():
@@ -292,18 +262,10 @@ def test_float32_stays_finite_and_learns():
     with torch.no_grad():
         for _ in range(8):
             y, state = layer(torch.randn(2, 64, 32), state)
-            assert torch.isfinite(y).all()
-    assert all(torch.isfinite(t).all() for t in state.tensors().values() if t.is_floating_point())
+            assert_finite(y, state)
 
     x, target = torch.randn(4, 48, 32), torch.randn(4, 48, 32)
-    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(6):
-        optimizer.zero_grad()
-        loss = (layer(x)[0] - target).square().mean()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = adam_losses(layer, x, target, steps=6)
     assert losses[-1] < losses[0]
 
 
@@ -334,11 +296,4 @@ def test_config_defaults_and_json():
     ],
 )
 def test_bad_configs_name_the_field(fields, name):
-    with pytest.raises(ValidationError, match=name):
-        HierarchicalConfig(**fields)
-
-
-@pytest.mark.parametrize(("n_heads", "d_model"), [(3, 16), (4, 12)])
-def test_heads_that_do_not_fit_d_model_are_refused(n_heads, d_model):
-    with pytest.raises(ValueError, match="n_heads"):
-        HierarchicalConfig(n_heads=n_heads).build(d_model)
+    assert_refused_naming(HierarchicalConfig, fields, name)

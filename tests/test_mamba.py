@@ -10,19 +10,22 @@ from layer_helpers import (
     D_MODEL,
     MEMORY_SIZE,
     UNEVEN_CHUNKS,
+    adam_losses,
+    assert_chunked_equals_full,
+    assert_refused_naming,
+    assert_same_gradients,
     assert_states_close,
-    grads,
     make_layer,
     randn,
     run_chunks,
     warm_state,
     with_config,
 )
-from pydantic import ValidationError
 from torch import Tensor
 from torch.nn import functional as F
 
 from memory_models.mamba import MambaConfig, MambaLayer, MambaState
+from memory_models.saved_activations import saved_for_backward
 
 
 def mamba(threshold: float = 0.0, **fields) -> MambaLayer:
@@ -55,12 +58,6 @@ def paper_forward(
     return y @ layer.out_proj.weight.T, h, decays
 
 
-def assert_grads_close(y_a: Tensor, y_b: Tensor, inputs: list[Tensor]) -> None:
-    weights = torch.randn_like(y_a)
-    for g_a, g_b in zip(grads(y_a, weights, inputs), grads(y_b, weights, inputs), strict=True):
-        torch.testing.assert_close(g_a, g_b, atol=1e-9, rtol=0)
-
-
 @pytest.mark.parametrize("warm", [False, True])
 @pytest.mark.parametrize("steps", [1, 33, 63, 100])
 @pytest.mark.parametrize("threshold", [0.0, 0.9])
@@ -77,7 +74,7 @@ def test_fast_matches_reference(threshold, steps, warm):
     assert_states_close(s_fast, s_ref)
     # Weigh the final state in too: its gradient enters the scan's backward on its own.
     weights = torch.randn_like(s_fast.ssm)
-    assert_grads_close(
+    assert_same_gradients(
         torch.cat([y_fast.flatten(), (s_fast.ssm * weights).flatten()]),
         torch.cat([y_ref.flatten(), (s_ref.ssm * weights).flatten()]),
         [x, state.ssm, state.conv, *layer.parameters()],
@@ -87,16 +84,9 @@ def test_fast_matches_reference(threshold, steps, warm):
 def saved_bytes_for_backward(layer: MambaLayer, steps: int) -> int:
     """Bytes autograd holds for backward after a forward of one sequence of `steps` tokens
     (distinct storages)."""
-    storages: dict[int, int] = {}
-
-    def keep(t: Tensor) -> Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     x = randn(1, steps, D_MODEL).requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        layer(x)
-    return sum(storages.values())
+    _, held = saved_for_backward(lambda: layer(x))
+    return held
 
 
 def test_training_memory_per_token_is_well_under_one_state():
@@ -127,12 +117,8 @@ def test_any_split_into_calls_equals_the_full_pass(threshold, chunks, conv_size)
     layer = mamba(threshold, conv_size=conv_size)
     assert layer.chunk_invariant()
     x = randn(2, 33, D_MODEL).requires_grad_()
-    y_full, s_full = layer(x)
-    y_chunked, s_chunked = run_chunks(layer, x, None, chunks)
-    torch.testing.assert_close(y_chunked, y_full, atol=1e-9, rtol=0)
-    assert_states_close(s_chunked, s_full)
     # The state keeps its autograd history, so gradients agree across splits too.
-    assert_grads_close(y_chunked, y_full, [x, *layer.parameters()])
+    assert_chunked_equals_full(layer, x, chunks, gradients=[x, *layer.parameters()])
 
 
 @pytest.mark.parametrize("conv_size", [1, 2, 4])
@@ -304,14 +290,7 @@ def test_adam_lowers_a_toy_loss():
     layer = MambaConfig(memory_size=8).build(D_MODEL)
     x = torch.randn(4, 24, D_MODEL)
     target = x.roll(3, dims=1)  # recall the input from three steps back
-    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = F.mse_loss(layer(x)[0], target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = adam_losses(layer, x, target, steps=15)
     assert losses[-1] < 0.9 * losses[0]
 
 
@@ -330,8 +309,7 @@ def test_adam_lowers_a_toy_loss():
     ],
 )
 def test_bad_configs_name_the_field(fields, name):
-    with pytest.raises(ValidationError, match=name):
-        MambaConfig(**fields)
+    assert_refused_naming(MambaConfig, fields, name)
 
 
 def test_config_defaults_and_json():

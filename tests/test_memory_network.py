@@ -9,8 +9,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_helpers import assert_states_close, randn, run_chunks, warm_state, with_config
-from pydantic import ValidationError
+from layer_helpers import (
+    UNEVEN_CHUNKS,
+    assert_chunked_equals_full,
+    assert_fast_matches_reference,
+    assert_padded_batch_equals_each_alone,
+    assert_refused_naming,
+    orthonormal,
+    randn,
+    states_at_thresholds,
+    warm_state,
+    warm_states,
+    with_config,
+)
 
 from memory_models.memory_network import (
     MEMORY_INIT,
@@ -24,7 +35,6 @@ from memory_models.memory_network import (
 D_MODEL = 16
 MEMORY_SIZE = 8
 WORD_SIZE = 6
-UNEVEN_CHUNKS = [5, 1, 11, 16]  # 33 tokens
 # Large pre-activations that saturate a sigmoid to 1 (or 0 when negated) in float64.
 SATURATE = 40.0
 
@@ -33,10 +43,6 @@ def make_layer(threshold: float = 0.0, **fields) -> MemoryNetworkLayer:
     fields = {"memory_size": MEMORY_SIZE, "word_size": WORD_SIZE, "controller_size": 12, **fields}
     config = MemoryNetworkConfig(forget_threshold=threshold, **fields)
     return config.build(D_MODEL).double()
-
-
-def orthonormal(count: int, width: int = WORD_SIZE) -> torch.Tensor:
-    return torch.linalg.qr(randn(width, count))[0].T  # [count, width]
 
 
 def write_head(key: torch.Tensor, add: torch.Tensor, allocation: float) -> WriteHead:
@@ -69,19 +75,7 @@ def test_fast_matches_reference_outputs_state_and_gradients(
     layer = make_layer(threshold, controller=controller, n_read_heads=n_read_heads)
     state = warm_state(layer, 2, 11)
     x = randn(2, length, D_MODEL).requires_grad_()
-    y_fast, s_fast = layer(x, state)
-    y_ref, s_ref = layer.reference_forward(x, state)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
-
-    weights = torch.randn_like(y_fast)
-    inputs = [x, *layer.parameters()]
-    grads_fast = torch.autograd.grad((y_fast * weights).sum(), inputs, allow_unused=True)
-    grads_ref = torch.autograd.grad((y_ref * weights).sum(), inputs, allow_unused=True)
-    for g_fast, g_ref in zip(grads_fast, grads_ref, strict=True):
-        assert (g_fast is None) == (g_ref is None)
-        if g_fast is not None:
-            torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=0)
+    assert_fast_matches_reference(layer, x, state=state, gradients=[x, *layer.parameters()])
 
 
 def test_reference_comparison_exercises_frees_and_full_memory():
@@ -98,21 +92,15 @@ def test_chunked_with_carried_state_equals_full_pass(controller, threshold):
     layer = make_layer(threshold, controller=controller)
     assert layer.chunk_invariant()
     x = randn(3, sum(UNEVEN_CHUNKS), D_MODEL)
-    y_full, s_full = layer(x)
-    y_chunked, s_chunked = run_chunks(layer, x, None, UNEVEN_CHUNKS)
-    torch.testing.assert_close(y_chunked, y_full, atol=1e-9, rtol=0)
-    assert_states_close(s_chunked, s_full)
-    y_tokens, s_tokens = run_chunks(layer, x, None, [1] * x.shape[1])
-    torch.testing.assert_close(y_tokens, y_full, atol=1e-9, rtol=0)
-    assert_states_close(s_tokens, s_full)
+    for chunks in (UNEVEN_CHUNKS, [1] * x.shape[1]):
+        assert_chunked_equals_full(layer, x, chunks)
 
 
 def test_a_hand_set_write_is_read_back_with_the_same_key():
     layer = make_layer()
     state = layer.init_state(1, dtype=torch.float64)
-    patterns = (
-        orthonormal(5) * torch.tensor([3.0, 0.5, 1.0, 0.9, 2.0], dtype=torch.float64)[:, None]
-    )
+    scales = torch.tensor([3.0, 0.5, 1.0, 0.9, 2.0], dtype=torch.float64)
+    patterns = orthonormal(5, WORD_SIZE) * scales[:, None]
     patterns = patterns.clamp(-1.0, 1.0)  # the layer's add vectors live in (-1, 1)
     for pattern in patterns:
         state = layer.write(state, write_head(pattern, pattern, allocation=1.0))
@@ -128,7 +116,7 @@ def test_a_hand_set_write_is_read_back_with_the_same_key():
 def test_a_content_write_overwrites_the_matching_row():
     layer = make_layer()
     state = layer.init_state(1, dtype=torch.float64)
-    patterns = orthonormal(3)
+    patterns = orthonormal(3, WORD_SIZE)
     for pattern in patterns:
         state = layer.write(state, write_head(pattern, pattern, allocation=1.0))
     replacement = -0.5 * patterns[1]
@@ -150,7 +138,7 @@ def full_state(layer: MemoryNetworkLayer, usage: list[float]) -> MemoryNetworkSt
 def test_allocation_takes_a_freed_row_first_then_the_least_used_row():
     layer = make_layer()
     usage = [0.9, 0.8, 0.2, 0.7, 0.6, 0.5, 0.4, 0.95]
-    pattern = orthonormal(1)[0]
+    pattern = orthonormal(1, WORD_SIZE)[0]
     state = full_state(layer, usage)
     written = layer.write(state, write_head(pattern, pattern, allocation=1.0))
     assert written.write_weights[0].argmax().item() == 2  # least used live row
@@ -170,7 +158,7 @@ def focused_layer(threshold: float) -> tuple[MemoryNetworkLayer, torch.Tensor]:
     keys on `pattern`, content addressing only, no allocation, no erase, add 0.
     """
     layer = make_layer(threshold)
-    pattern = orthonormal(1)[0]
+    pattern = orthonormal(1, WORD_SIZE)[0]
     word = WORD_SIZE
     bias = torch.zeros_like(layer.heads.bias)
     bias[:word] = pattern  # read key
@@ -190,7 +178,7 @@ def focused_layer(threshold: float) -> tuple[MemoryNetworkLayer, torch.Tensor]:
 def test_forget_threshold_frees_rows_nobody_attends(threshold):
     layer, pattern = focused_layer(threshold)
     state = layer.init_state(1, dtype=torch.float64)
-    others = orthonormal(WORD_SIZE)[:3]
+    others = orthonormal(WORD_SIZE, WORD_SIZE)[:3]
     others = others - (others @ pattern)[:, None] * pattern  # orthogonal to the key
     state.memory[0, :4] = torch.cat([pattern[None], others]) * 0.9
     state.usage[0, :4], state.live[0, :4] = 1.0, True
@@ -273,10 +261,7 @@ def test_raising_forget_threshold_never_increases_live_rows(
     )
     base = config.build(D_MODEL).double()
     state = warm_state(with_config(base, forget_threshold=low), 4, warm_tokens)
-    x = randn(4, 1, D_MODEL)
-    with torch.no_grad():
-        _, s_low = with_config(base, forget_threshold=low)(x, state)
-        _, s_high = with_config(base, forget_threshold=high)(x, state)
+    s_low, s_high = states_at_thresholds(base, randn(4, 1, D_MODEL), state, [low, high])
     assert (s_high.live_entries() <= s_low.live_entries()).all()
     assert not (s_high.live & ~s_low.live).any()
 
@@ -312,16 +297,10 @@ def test_higher_forget_threshold_holds_fewer_rows_over_a_long_stream():
 def test_padded_batch_equals_each_sequence_alone():
     layer = make_layer(0.8)
     states = [layer.init_state(1, dtype=torch.float64)]
-    states += [warm_state(layer, 1, n) for n in (4, 30)]
+    states += warm_states(layer, (4, 30))
     stacked = MemoryNetworkState.stack(states)
     assert stacked.live_entries().unique().numel() > 1  # different live counts in one batch
-    x = randn(3, 9, D_MODEL)
-    with torch.no_grad():
-        y_batched, s_batched = layer(x, stacked)
-        for i, state in enumerate(states):
-            y_alone, s_alone = layer(x[i : i + 1], state)
-            torch.testing.assert_close(y_batched[i : i + 1], y_alone, atol=1e-9, rtol=0)
-            assert_states_close(s_batched.split(1)[i], s_alone)
+    assert_padded_batch_equals_each_alone(layer, states, randn(3, 9, D_MODEL))
 
 
 @pytest.mark.parametrize("controller", ["lstm", "mlp"])
@@ -358,9 +337,7 @@ def test_memory_starts_at_the_small_constant_and_metrics_report_frees():
     ],
 )
 def test_bad_configs_name_the_field(fields, field):
-    with pytest.raises(ValidationError) as error:
-        MemoryNetworkConfig(**fields)
-    assert field in str(error.value)
+    assert_refused_naming(MemoryNetworkConfig, fields, field)
 
 
 def test_config_defaults_round_trip_through_json():

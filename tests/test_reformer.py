@@ -10,8 +10,22 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_helpers import assert_states_close, grads, randn, run_chunks, with_config
-from pydantic import ValidationError
+from layer_helpers import (
+    adam_losses,
+    assert_chunked_equals_full,
+    assert_fast_matches_reference,
+    assert_finite,
+    assert_higher_threshold_never_keeps_more,
+    assert_padded_batch_equals_each_alone,
+    assert_refused_naming,
+    assert_states_close,
+    randn,
+    run_chunks,
+    streamed_states,
+    warm_state,
+    warm_states,
+    with_config,
+)
 from torch.nn import functional as F
 
 from memory_models.common import rotary
@@ -51,17 +65,9 @@ def one_bucket(layer: ReformerLayer) -> ReformerLayer:
     return layer
 
 
-def assert_fast_matches_reference(layer, x, state) -> None:
-    y_fast, s_fast = layer(x, state)
-    y_ref, s_ref = layer.reference_forward(x, state)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
-    weights = torch.randn_like(y_fast)
-    inputs = [x, *layer.parameters()]
-    for g_fast, g_ref in zip(
-        grads(y_fast, weights, inputs), grads(y_ref, weights, inputs), strict=True
-    ):
-        torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=0)
+def assert_matches_reference_from(layer: ReformerLayer, state, x: torch.Tensor) -> None:
+    """Fast path == reference from `state` on `x`: outputs, states, gradients of x and weights."""
+    assert_fast_matches_reference(layer, x, state=state, gradients=[x, *layer.parameters()])
 
 
 @pytest.mark.parametrize("steps", [1, 33, 63])
@@ -70,31 +76,23 @@ def assert_fast_matches_reference(layer, x, state) -> None:
 def test_fast_matches_reference(chunk_len, n_hashes, n_buckets, threshold, steps):
     torch.manual_seed(steps)
     layer = make_layer(MEMORY_SIZE, threshold, chunk_len, n_hashes, n_buckets)
-    with torch.no_grad():
-        _, warm = layer(randn(2, 11, D_MODEL))
+    warm = warm_state(layer, 2, 11)
     for state in (None, warm):
-        assert_fast_matches_reference(layer, randn(2, steps, D_MODEL).requires_grad_(), state)
+        assert_matches_reference_from(layer, state, randn(2, steps, D_MODEL).requires_grad_())
 
 
 def test_fast_matches_reference_when_everything_is_one_bucket():
     """The chunk rule alone decides: a query sees the earlier tokens of its chunk and the last."""
     layer = one_bucket(make_layer(memory_size=6, chunk_len=3))
     _, warm = layer(randn(2, 5, D_MODEL))
-    assert_fast_matches_reference(layer, randn(2, 17, D_MODEL).requires_grad_(), warm.detach())
+    assert_matches_reference_from(layer, warm.detach(), randn(2, 17, D_MODEL).requires_grad_())
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.2])
 def test_fast_matches_reference_streaming_in_uneven_chunks(threshold):
     layer = make_layer(threshold=threshold)
     x = randn(3, 40, D_MODEL).requires_grad_()
-    chunks = [1, 1, 9, 3, 17, 1, 8]
-    y_fast, s_fast = run_chunks(layer, x, None, chunks)
-    y_ref, s_ref = run_chunks(layer.reference_forward, x, None, chunks)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
-    weights = torch.randn_like(y_fast)
-    for g_fast, g_ref in zip(grads(y_fast, weights, [x]), grads(y_ref, weights, [x]), strict=True):
-        torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=0)
+    assert_fast_matches_reference(layer, x, [1, 1, 9, 3, 17, 1, 8], gradients=[x])
 
 
 def test_chunked_equals_full_pass_at_threshold_zero():
@@ -102,15 +100,7 @@ def test_chunked_equals_full_pass_at_threshold_zero():
     assert layer.chunk_invariant() and not make_layer(threshold=0.2).chunk_invariant()
     x = randn(2, 45, D_MODEL).requires_grad_()
     for chunks in ([5, 1, 11, 16, 12], [1] * 45):
-        y_full, s_full = layer(x)
-        y_chunked, s_chunked = run_chunks(layer, x, None, chunks)
-        torch.testing.assert_close(y_chunked, y_full, atol=1e-9, rtol=0)
-        assert_states_close(s_chunked, s_full)
-        weights = torch.randn_like(y_full)
-        for g_chunked, g_full in zip(
-            grads(y_chunked, weights, [x]), grads(y_full, weights, [x]), strict=True
-        ):
-            torch.testing.assert_close(g_chunked, g_full, atol=1e-9, rtol=0)
+        assert_chunked_equals_full(layer, x, chunks, gradients=[x])
 
 
 def test_later_tokens_never_move_an_earlier_querys_chunks():
@@ -257,10 +247,7 @@ def test_causal_from_a_warm_state():
 )
 def test_live_entries_never_exceed_memory_size(memory_size, threshold, chunks):
     layer = make_layer(memory_size, threshold)
-    state = None
-    for size in chunks:
-        with torch.no_grad():
-            _, state = layer(randn(3, size, D_MODEL), state)
+    for state in streamed_states(layer, chunks, batch=3):
         assert (state.live_entries() <= memory_size).all()
         assert state.valid.sum(1).equal(state.live_entries())
 
@@ -291,16 +278,8 @@ def test_the_threshold_acts_only_at_the_end_of_a_call():
 
 def test_higher_threshold_never_keeps_more():
     base = make_layer(memory_size=40)
-    with torch.no_grad():
-        _, warm = base(randn(4, 13, D_MODEL))
-        x = randn(4, 19, D_MODEL)
-        live = []
-        for threshold in (0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8):
-            _, state = with_config(base, forget_threshold=threshold)(x, warm)
-            live.append(state.live_entries())
-    for looser, stricter in itertools.pairwise(live):
-        assert (stricter <= looser).all()
-    assert (live[-1] < live[0]).any(), "the threshold must really evict"
+    warm = warm_state(base, 4, 13)
+    assert_higher_threshold_never_keeps_more(base, randn(4, 19, D_MODEL), warm)
 
 
 def tracked_shares(x: torch.Tensor) -> tuple[ReformerLayer, list[dict[int, float]]]:
@@ -373,38 +352,17 @@ def test_over_capacity_the_most_attended_entries_are_kept(monkeypatch):
 @pytest.mark.parametrize("threshold", [0.0, 0.2])
 def test_padded_batch_equals_each_sequence_alone(threshold):
     layer = make_layer(threshold=threshold)
-    with torch.no_grad():
-        states = [layer(randn(1, n, D_MODEL))[1] for n in (2, 17, 5)]
-        stacked = ReformerState.stack(states)
-        step = randn(3, 7, D_MODEL)
-        y_batched, s_batched = layer(step, stacked)
-        for i, state in enumerate(states):
-            y_alone, s_alone = layer(step[i : i + 1], state)
-            torch.testing.assert_close(y_batched[i : i + 1], y_alone, atol=1e-9, rtol=0)
-            row = s_batched.split(1)[i]
-            slots = s_alone.keys.shape[1]
-            assert not row.valid[0, slots:].any()
-            trimmed = {k: v[:, :slots] if v.dim() > 1 else v for k, v in row.tensors().items()}
-            assert_states_close(ReformerState(**trimmed), s_alone)
+    states = warm_states(layer, (2, 17, 5))
+    assert_padded_batch_equals_each_alone(layer, states, randn(3, 7, D_MODEL))
 
 
 def test_float32_long_stream_is_finite_and_learns():
     torch.manual_seed(0)
     layer = ReformerConfig(memory_size=32, chunk_len=16).build(32)
     with torch.no_grad():
-        y, state = run_chunks(layer, torch.randn(2, 512, 32), None, [64] * 8)
-    assert torch.isfinite(y).all() and all(
-        torch.isfinite(t).all() for t in state.tensors().values()
-    )
+        assert_finite(*run_chunks(layer, torch.randn(2, 512, 32), None, [64] * 8))
     x, target = torch.randn(4, 48, 32), torch.randn(4, 48, 32)
-    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(15):
-        optimizer.zero_grad()
-        loss = (layer(x)[0] - target).square().mean()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = adam_losses(layer, x, target, steps=15)
     assert losses[-1] < 0.9 * losses[0]
 
 
@@ -434,11 +392,4 @@ def test_config_defaults_and_json():
     ],
 )
 def test_bad_configs_name_the_field(fields, name):
-    with pytest.raises(ValidationError, match=name):
-        ReformerConfig(**fields)
-
-
-@pytest.mark.parametrize(("n_heads", "d_model"), [(3, 16), (4, 12)])
-def test_heads_that_do_not_fit_d_model_are_refused(n_heads, d_model):
-    with pytest.raises(ValueError, match="n_heads"):
-        ReformerConfig(n_heads=n_heads).build(d_model)
+    assert_refused_naming(ReformerConfig, fields, name)

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from layer_helpers import randn, warm_state, with_config
-from pydantic import ValidationError
+from layer_helpers import (
+    assert_refused_naming,
+    last_token_write,
+    randn,
+    states_at_thresholds,
+    warm_state,
+    with_config,
+)
 
 from memory_models.retnet import RetNetConfig, RetNetLayer, retention_decays
 
@@ -53,15 +59,10 @@ def test_thresholds_up_to_the_smallest_gamma_change_nothing():
 
 def test_a_head_under_the_threshold_keeps_only_the_current_token():
     base = make_layer()
-    snapped = with_config(base, forget_threshold=0.99)  # under it: heads 0 and 1
-    state = warm_state(base, 2, 7)
     x = randn(2, 12, D_MODEL)
-    with torch.no_grad():
-        _, kept = base(x, state)
-        _, cut = snapped(x, state)
-        k = base.key(x[:, -1]).view(2, 4, 8)
-        v = base.value(x[:, -1]).view(2, 4, 4)
-    last_token = k[..., :, None] * v[..., None, :]  # [B, H, Dk, Dv]
+    # Under 0.99: heads 0 and 1.
+    kept, cut = states_at_thresholds(base, x, warm_state(base, 2, 7), [0.0, 0.99])
+    last_token = last_token_write(base, x)
     torch.testing.assert_close(cut.memory[:, :2], last_token[:, :2], atol=1e-12, rtol=0)
     assert torch.equal(cut.memory[:, 2:], kept.memory[:, 2:])
 
@@ -79,12 +80,6 @@ def test_output_is_normalised_per_head_and_gated():
     torch.testing.assert_close(layer(x)[0], torch.zeros_like(y), atol=0, rtol=0)
 
 
-def test_memory_size_is_the_key_dimension():
-    layer = RetNetConfig(memory_size=6, n_heads=2).build(16)
-    assert layer.query.weight.shape == (12, 16) and layer.key.weight.shape == (12, 16)
-    assert layer.init_state(3).memory.shape == (3, 2, 6, 8)
-
-
 @pytest.mark.parametrize(
     ("fields", "name"),
     [
@@ -96,10 +91,4 @@ def test_memory_size_is_the_key_dimension():
     ],
 )
 def test_bad_configs_name_the_field(fields, name):
-    with pytest.raises(ValidationError, match=name):
-        RetNetConfig(**fields)
-
-
-def test_heads_that_do_not_divide_d_model_are_refused():
-    with pytest.raises(ValueError, match="n_heads=3"):
-        RetNetConfig(n_heads=3).build(16)
+    assert_refused_naming(RetNetConfig, fields, name)

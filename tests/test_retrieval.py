@@ -3,7 +3,6 @@ top-k retrieval of a planted entry, stop-gradient, and the faiss index against t
 
 from __future__ import annotations
 
-import itertools
 import pickle
 import sys
 
@@ -11,8 +10,23 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_helpers import assert_states_close, grads, randn, run_chunks, with_config
-from pydantic import ValidationError
+from layer_helpers import (
+    adam_losses,
+    assert_chunked_equals_full,
+    assert_empty_slots_change_nothing,
+    assert_fast_matches_reference,
+    assert_higher_threshold_never_keeps_more,
+    assert_padded_batch_equals_each_alone,
+    assert_refused_naming,
+    assert_same_gradients,
+    assert_states_close,
+    randn,
+    run_chunks,
+    streamed_states,
+    warm_state,
+    warm_states,
+    with_config,
+)
 
 from memory_models import retrieval
 from memory_models.knn_index import ExactIndex, FaissIndex, make_index
@@ -44,16 +58,6 @@ def make_layer(
     return config.build(D_MODEL).double()
 
 
-def assert_same_gradients(y_fast, y_ref, inputs) -> None:
-    weights = torch.randn_like(y_fast)
-    for g_fast, g_ref in zip(
-        grads(y_fast, weights, inputs), grads(y_ref, weights, inputs), strict=True
-    ):
-        assert (g_fast is None) == (g_ref is None)
-        if g_fast is not None:
-            torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=0)
-
-
 @pytest.mark.parametrize("steps", [1, 33, 63])
 @pytest.mark.parametrize("warm", [False, True])
 @pytest.mark.parametrize("threshold", THRESHOLDS)
@@ -61,16 +65,11 @@ def test_fast_matches_reference(threshold, warm, steps):
     layer = make_layer(threshold=threshold)
     state = None
     if warm:
-        with torch.no_grad():
-            # A full store and window, so stored, window and chunk entries all matter.
-            _, state = layer(randn(2, 19, D_MODEL))
+        # A full store and window, so stored, window and chunk entries all matter.
+        state = warm_state(layer, 2, 19)
         assert (state.live_entries() == MEMORY_SIZE).all()
     x = randn(2, steps, D_MODEL).requires_grad_()
-    y_fast, s_fast = layer(x, state)
-    y_ref, s_ref = layer.reference_forward(x, state)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
-    assert_same_gradients(y_fast, y_ref, [x, *layer.parameters()])
+    assert_fast_matches_reference(layer, x, state=state, gradients=[x, *layer.parameters()])
 
 
 @pytest.mark.parametrize("threshold", THRESHOLDS)
@@ -78,13 +77,10 @@ def test_fast_matches_reference_streaming_in_uneven_chunks(threshold):
     layer = make_layer(threshold=threshold, local_window=3)
     x = randn(3, 45, D_MODEL).requires_grad_()
     chunks = [1, 1, 9, 3, 17, 1, 13]
-    y_fast, s_fast = run_chunks(layer, x, None, chunks)
-    y_ref, s_ref = run_chunks(layer.reference_forward, x, None, chunks)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
-    assert_same_gradients(y_fast, y_ref, [x, *layer.parameters()])
+    gradients = [x, *layer.parameters()]
+    _, state = assert_fast_matches_reference(layer, x, chunks, gradients=gradients)
     if threshold > 0:
-        assert (s_fast.evictions > 0).all(), "the threshold must really evict here"
+        assert (state.evictions > 0).all(), "the threshold must really evict here"
 
 
 @pytest.mark.parametrize("threshold", THRESHOLDS)
@@ -92,31 +88,21 @@ def test_query_blocks_change_nothing(monkeypatch, threshold):
     """A long call is scored in blocks of queries: blocks of 5 must equal the reference."""
     monkeypatch.setattr(retrieval, "_QUERY_BLOCK", 5)
     layer = make_layer(threshold=threshold)
-    with torch.no_grad():
-        _, warm = layer(randn(2, 13, D_MODEL))
+    warm = warm_state(layer, 2, 13)
     x = randn(2, 33, D_MODEL).requires_grad_()
-    y_fast, s_fast = layer(x, warm)
-    y_ref, s_ref = layer.reference_forward(x, warm)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
-    assert_same_gradients(y_fast, y_ref, [x, *layer.parameters()])
+    assert_fast_matches_reference(layer, x, state=warm, gradients=[x, *layer.parameters()])
 
 
 def test_chunked_equals_full_pass_at_threshold_zero():
     layer = make_layer()
     assert layer.chunk_invariant()
     assert not make_layer(threshold=0.2).chunk_invariant()
-    x = randn(2, 40, D_MODEL)
-    y_full, s_full = layer(x)
-    y_chunked, s_chunked = run_chunks(layer, x, None, [5, 1, 11, 16, 7])
-    torch.testing.assert_close(y_chunked, y_full, atol=1e-9, rtol=0)
-    assert_states_close(s_chunked, s_full)
+    assert_chunked_equals_full(layer, randn(2, 40, D_MODEL), [5, 1, 11, 16, 7])
 
 
 def test_stored_entries_get_no_gradient():
     layer = make_layer()
-    with torch.no_grad():
-        _, warm = layer(randn(2, 20, D_MODEL))
+    warm = warm_state(layer, 2, 20)
     stored = {name: getattr(warm, name).clone().requires_grad_() for name in ("keys", "values")}
     state = RetrievalState(**{**warm.tensors(), **stored})
     x = randn(2, 9, D_MODEL).requires_grad_()
@@ -281,16 +267,8 @@ def test_a_threshold_nobody_falls_under_changes_nothing_below_capacity():
 
 def test_higher_threshold_never_keeps_more():
     base = make_layer(memory_size=16)
-    with torch.no_grad():
-        _, warm = base(randn(4, 13, D_MODEL))
-        x = randn(4, 19, D_MODEL)
-        live = []
-        for threshold in (0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8):
-            _, state = with_config(base, forget_threshold=threshold)(x, warm)
-            live.append(state.live_entries())
-    for looser, stricter in itertools.pairwise(live):
-        assert (stricter <= looser).all()
-    assert (live[-1] < live[0]).any(), "the threshold must really evict"
+    warm = warm_state(base, 4, 13)
+    assert_higher_threshold_never_keeps_more(base, randn(4, 19, D_MODEL), warm)
 
 
 @settings(max_examples=12, deadline=None)
@@ -302,10 +280,7 @@ def test_higher_threshold_never_keeps_more():
 )
 def test_the_store_never_exceeds_memory_size(memory_size, local_window, threshold, chunks):
     layer = make_layer(memory_size, threshold, local_window)
-    state = None
-    for size in chunks:
-        with torch.no_grad():
-            _, state = layer(randn(3, size, D_MODEL), state)
+    for state in streamed_states(layer, chunks, batch=3):
         assert (state.live_entries() <= memory_size).all()
         assert (state.window_valid.sum(1) <= local_window - 1).all()
 
@@ -323,38 +298,14 @@ def test_state_size_bytes_is_exact_at_threshold_zero_and_flat_in_length():
 @pytest.mark.parametrize("threshold", THRESHOLDS)
 def test_padded_batch_equals_each_sequence_alone(threshold):
     layer = make_layer(threshold=threshold)
-    with torch.no_grad():
-        states = [layer(randn(1, n, D_MODEL))[1] for n in (2, 17, 9)]
-        step = randn(3, 6, D_MODEL)
-        y_batched, s_batched = layer(step, RetrievalState.stack(states))
-        for i, state in enumerate(states):
-            y_alone, s_alone = layer(step[i : i + 1], state)
-            torch.testing.assert_close(y_batched[i : i + 1], y_alone, atol=1e-9, rtol=0)
-            row = s_batched.split(1)[i]
-            assert row.live_entries().equal(s_alone.live_entries())
-            store, window = s_alone.keys.shape[1], s_alone.window_keys.shape[1]
-            trimmed = {
-                name: t[:, : window if name.startswith("window") else store] if t.dim() > 1 else t
-                for name, t in row.tensors().items()
-            }
-            assert_states_close(RetrievalState(**trimmed), s_alone)
+    states = warm_states(layer, (2, 17, 9))
+    assert_padded_batch_equals_each_alone(layer, states, randn(3, 6, D_MODEL))
 
 
 def test_extra_zero_slots_change_nothing():
     layer = make_layer(threshold=0.2)
-    with torch.no_grad():
-        _, state = layer(randn(2, 14, D_MODEL))
-        wide = RetrievalState(
-            **{
-                name: torch.cat([t, torch.zeros_like(t[:, :3])], 1) if t.dim() > 1 else t
-                for name, t in state.tensors().items()
-            }
-        )
-        x = randn(2, 6, D_MODEL)
-        y, s = layer(x, state)
-        y_wide, s_wide = layer(x, wide)
-    torch.testing.assert_close(y_wide, y, atol=1e-12, rtol=0)
-    assert_states_close(s_wide, s)
+    state = warm_state(layer, 2, 14)
+    assert_empty_slots_change_nothing(layer, state, randn(2, 6, D_MODEL))
 
 
 def test_indexes_agree_on_small_stores():
@@ -384,13 +335,8 @@ def test_the_faiss_layer_equals_the_exact_layer(threshold):
     y_faiss, s_faiss = run_chunks(approximate, x, None, [3, 20, 17])
     torch.testing.assert_close(y_faiss, y_exact, atol=1e-9, rtol=0)
     assert_states_close(s_faiss, s_exact)
-    weights = torch.randn_like(y_exact)
-    for g_faiss, g_exact in zip(
-        grads(y_faiss, weights, [x, *approximate.parameters()]),
-        grads(y_exact, weights, [x, *exact.parameters()]),
-        strict=True,
-    ):
-        torch.testing.assert_close(g_faiss, g_exact, atol=1e-9, rtol=0)
+    inputs_faiss, inputs_exact = [x, *approximate.parameters()], [x, *exact.parameters()]
+    assert_same_gradients(y_faiss, y_exact, inputs_faiss, inputs_b=inputs_exact)
 
 
 def test_a_faiss_layer_pickles():
@@ -415,16 +361,9 @@ def test_float32_has_a_pulse():
         y, state = run_chunks(layer, torch.randn(2, 512, 32), None, [64] * 8)
     assert torch.isfinite(y).all() and state.keys.dtype == torch.float32
     assert set(state.metrics()) == {"live_entries", "evictions"}
-    optimiser = torch.optim.Adam(layer.parameters(), lr=1e-2)
     x = torch.randn(4, 48, 32)
     target = torch.roll(x, 12, dims=1)  # recall from 12 tokens back: beyond the window
-    losses = []
-    for _ in range(10):
-        loss = (layer(x)[0] - target).square().mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses = adam_losses(layer, x, target, steps=10)
     assert losses[-1] < losses[0]
 
 
@@ -442,11 +381,4 @@ def test_float32_has_a_pulse():
     ],
 )
 def test_bad_configs_name_the_field(fields, name):
-    with pytest.raises(ValidationError, match=name):
-        RetrievalConfig(**fields)
-
-
-@pytest.mark.parametrize(("n_heads", "d_model"), [(3, 16), (4, 12)])
-def test_heads_that_do_not_fit_d_model_are_refused(n_heads, d_model):
-    with pytest.raises(ValueError, match="n_heads"):
-        RetrievalConfig(n_heads=n_heads).build(d_model)
+    assert_refused_naming(RetrievalConfig, fields, name)

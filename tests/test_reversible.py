@@ -12,6 +12,7 @@ from torch import Tensor
 
 from memory_models.model import SequenceModel, SequenceModelConfig
 from memory_models.registry import REGISTRY
+from memory_models.saved_activations import saved_for_backward
 from pipelines.train.loop import TrainingModule, lr_schedule, train_batch
 
 KINDS = list(REGISTRY)
@@ -94,17 +95,9 @@ def test_reversible_fast_path_matches_its_reference(kind):
 
 def saved_bytes(model: SequenceModel, tokens: Tensor) -> int:
     """Bytes autograd keeps for the backward pass of one training forward (distinct storages)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits, _ = model(tokens)
+    (logits, _), held = saved_for_backward(lambda: model(tokens))
     logits.sum().backward()
-    return sum(storages.values())
+    return held
 
 
 @pytest.mark.parametrize("kind", ["attention", "reformer"])

@@ -3,14 +3,25 @@ the bounded state, and eviction by attention share."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_helpers import assert_states_close, grads, randn, run_chunks, with_config
-from pydantic import ValidationError
+from layer_helpers import (
+    adam_losses,
+    assert_chunked_equals_full,
+    assert_fast_matches_reference,
+    assert_finite,
+    assert_higher_threshold_never_keeps_more,
+    assert_padded_batch_equals_each_alone,
+    assert_refused_naming,
+    assert_states_close,
+    randn,
+    run_chunks,
+    warm_state,
+    warm_states,
+    with_config,
+)
 
 from memory_models.attention import AttentionConfig
 from memory_models.sparse import SparseConfig, SparseLayer, SparseState
@@ -33,27 +44,15 @@ def make_layer(pattern: str, threshold: float = 0.0, memory_size: int = BLOCK, *
     return config.build(D_MODEL).double()
 
 
-def assert_grads_match(y_fast, y_ref, inputs) -> None:
-    weights = torch.randn_like(y_fast)
-    pairs = zip(grads(y_fast, weights, inputs), grads(y_ref, weights, inputs), strict=True)
-    for g_fast, g_ref in pairs:
-        torch.testing.assert_close(g_fast, g_ref, atol=1e-9, rtol=0)
-
-
 @pytest.mark.parametrize("steps", [1, 33, 63])
 @pytest.mark.parametrize("threshold", THRESHOLDS)
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_fast_matches_reference_from_a_warm_state(pattern, threshold, steps):
     layer = make_layer(pattern, threshold)
-    with torch.no_grad():
-        # 11 tokens: a partial block, summaries and globals held, so state and chunk both matter.
-        _, warm = layer(randn(2, 11, D_MODEL))
+    # 11 tokens: a partial block, summaries and globals held, so state and chunk both matter.
+    warm = warm_state(layer, 2, 11)
     x = randn(2, steps, D_MODEL).requires_grad_()
-    y_fast, s_fast = layer(x, warm)
-    y_ref, s_ref = layer.reference_forward(x, warm)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
-    assert_grads_match(y_fast, y_ref, [x, *layer.parameters()])
+    assert_fast_matches_reference(layer, x, state=warm, gradients=[x, *layer.parameters()])
 
 
 @pytest.mark.parametrize("threshold", THRESHOLDS)
@@ -62,11 +61,7 @@ def test_fast_matches_reference_streaming_from_empty(pattern, threshold):
     layer = make_layer(pattern, threshold)
     x = randn(3, 40, D_MODEL).requires_grad_()
     chunks = [1, 1, 9, 3, 17, 1, 8]
-    y_fast, s_fast = run_chunks(layer, x, None, chunks)
-    y_ref, s_ref = run_chunks(layer.reference_forward, x, None, chunks)
-    torch.testing.assert_close(y_fast, y_ref, atol=1e-9, rtol=0)
-    assert_states_close(s_fast, s_ref)
-    assert_grads_match(y_fast, y_ref, [x, *layer.parameters()])
+    assert_fast_matches_reference(layer, x, chunks, gradients=[x, *layer.parameters()])
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -75,12 +70,8 @@ def test_chunked_equals_full_pass_at_threshold_zero(pattern):
     assert layer.chunk_invariant()
     assert not with_config(layer, forget_threshold=0.2).chunk_invariant()
     x = randn(2, 45, D_MODEL).requires_grad_()
-    y_full, s_full = layer(x)
-    y_chunked, s_chunked = run_chunks(layer, x, None, [5, 1, 11, 16, 12])
-    torch.testing.assert_close(y_chunked, y_full, atol=1e-9, rtol=0)
-    assert_states_close(s_chunked, s_full)
     # Held keys keep their autograd history, so gradients agree across chunkings too.
-    assert_grads_match(y_chunked, y_full, [x])
+    assert_chunked_equals_full(layer, x, [5, 1, 11, 16, 12], gradients=[x])
 
 
 def reads_by_perturbation(layer: SparseLayer, steps: int) -> list[set[int]]:
@@ -251,40 +242,28 @@ def test_threshold_keeps_exactly_the_reachable_keys_above_it(pattern):
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_higher_threshold_never_keeps_more(pattern):
     base = make_layer(pattern)
-    with torch.no_grad():
-        _, warm = base(randn(4, 13, D_MODEL))
-        x = randn(4, 19, D_MODEL)
-        live = []
-        for threshold in (0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8):
-            _, state = with_config(base, forget_threshold=threshold)(x, warm)
-            live.append(state.valid.sum(1))
-    for looser, stricter in itertools.pairwise(live):
-        assert (stricter <= looser).all()
-    assert (live[-1] < live[0]).any(), "the threshold must really drop keys"
+    warm = warm_state(base, 4, 13)
+    x = randn(4, 19, D_MODEL)
+    message = "the threshold must really drop keys"
+    assert_higher_threshold_never_keeps_more(base, x, warm, held=held_keys, message=message)
+
+
+def held_keys(state: SparseState) -> torch.Tensor:
+    """`[B]`: every key held, the window's included (`live_entries` counts the long range)."""
+    return state.valid.sum(1)
 
 
 @pytest.mark.parametrize("threshold", THRESHOLDS)
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_padded_batch_equals_each_sequence_alone(pattern, threshold):
     layer = make_layer(pattern, threshold)
-    with torch.no_grad():
-        states = [layer(randn(1, n, D_MODEL))[1] for n in (2, 17, 9)]
-        step = randn(3, 6, D_MODEL)
-        y_batched, s_batched = layer(step, SparseState.stack(states))
-        for i, state in enumerate(states):
-            y_alone, s_alone = layer(step[i : i + 1], state)
-            torch.testing.assert_close(y_batched[i : i + 1], y_alone, atol=1e-9, rtol=0)
-            row = s_batched.split(1)[i]
-            slots = s_alone.keys.shape[1]
-            assert not row.valid[0, slots:].any()
-            trimmed = {k: v[:, :slots] if v.dim() > 1 else v for k, v in row.tensors().items()}
-            assert_states_close(SparseState(**trimmed), s_alone)
+    states = warm_states(layer, (2, 17, 9))
+    assert_padded_batch_equals_each_alone(layer, states, randn(3, 6, D_MODEL))
 
 
 def test_an_empty_chunk_changes_nothing():
     layer = make_layer("fixed", 0.2)
-    with torch.no_grad():
-        _, state = layer(randn(2, 9, D_MODEL))
+    state = warm_state(layer, 2, 9)
     for forward in (layer, layer.reference_forward):
         y, after = forward(randn(2, 0, D_MODEL), state)
         assert y.shape == (2, 0, D_MODEL)
@@ -295,26 +274,15 @@ def test_float32_long_stream_is_finite_and_learns():
     torch.manual_seed(1)
     layer = SparseConfig(pattern="fixed", memory_size=8).build(32)
     with torch.no_grad():
-        y, state = run_chunks(layer, torch.randn(2, 512, 32), None, [64] * 8)
-    assert torch.isfinite(y).all() and all(
-        torch.isfinite(t).all() for t in state.tensors().values()
-    )
+        assert_finite(*run_chunks(layer, torch.randn(2, 512, 32), None, [64] * 8))
     x, target = torch.randn(4, 40, 32), torch.randn(4, 40, 32)
-    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = (layer(x)[0] - target).square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = adam_losses(layer, x, target, steps=8)
     assert losses[-1] < losses[0]
 
 
 def test_metrics():
     layer = make_layer("fixed")
-    with torch.no_grad():
-        _, state = layer(randn(2, 14, D_MODEL))
+    state = warm_state(layer, 2, 14)
     # 14 tokens, l = 4: summaries 3, 7, 11 held, and the partial block 12, 13.
     assert state.live_entries().tolist() == [3, 3]
     assert state.window_entries().tolist() == [2, 2]
@@ -342,10 +310,4 @@ def test_config_defaults_and_json():
     ],
 )
 def test_bad_configs_name_the_field(fields, name):
-    with pytest.raises(ValidationError, match=name):
-        SparseConfig(**fields)
-
-
-def test_heads_that_do_not_fit_d_model_are_refused():
-    with pytest.raises(ValueError, match="n_heads"):
-        SparseConfig(n_heads=4).build(12)
+    assert_refused_naming(SparseConfig, fields, name)
