@@ -35,9 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from memory_models.common import compact_slots, keep_above_threshold, rotary
+from memory_models.common import rotary
 from memory_models.model import Block, ModelState
 from memory_models.registry import AnyMemoryConfig
+from memory_models.slot_cache import compact_slots, keep_above_threshold
 from memory_models.state import MemoryState
 
 
