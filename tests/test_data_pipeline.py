@@ -1,13 +1,17 @@
-"""`build_datasets` on a real local Ray: Parquet cache, reuse, disjoint test sets, text streams."""
+"""`build_datasets` on a real local Ray: Parquet cache, reuse, disjoint test sets, text streams,
+compact storage, batches of one length from Train-style shards."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipelines.data import DataError
+from pipelines.data.batches import guaranteed_batches, shard_batches
 from pipelines.data.build import MANIFEST, build_datasets
 from pipelines.data.config import CopyTask, DataConfig, MQARTask, RecallPart, TextTask
 
@@ -35,22 +39,70 @@ def test_synthetic_data_is_written_once_and_reused(ray_local, tmp_path):
     config = DataConfig(
         task=task, cache_dir=tmp_path, num_train_examples=90, num_test_examples=20, blocks=3
     )
-    first = build_datasets(config)
+    messages: list[str] = []
+    first = build_datasets(config, progress=messages.append)
     assert not first.cached and first.path.parent == tmp_path
     assert (first.path / MANIFEST).is_file() and not list(tmp_path.glob(".tmp-*"))
     assert first.metadata.train_rows == first.train.count() == 90
     assert first.metadata.test_rows == first.test.count() == 20
     assert (first.metadata.train_seq_len, first.metadata.test_seq_len) == (32, 48)
-    batch = next(iter(first.train.iter_torch_batches(batch_size=8)))
-    assert batch["inputs"].shape == batch["labels"].shape == (8, 32)
-    assert str(batch["inputs"].dtype) == "torch.int64"
-    assert first.vocab_size == 64
+    assert first.vocab_size == 64 and first.metadata.token_dtype == "int8"
+    assert any("90/90 examples written" in m and "examples/s" in m for m in messages), messages
+    batches = list(shard_batches(first.train.iterator(), 8, seed=0, drop_last=True))
+    assert {tuple(b["inputs"].shape) for b in batches} == {(8, 16), (8, 32)}
+    assert all(b["inputs"].dtype == b["labels"].dtype == torch.int8 for b in batches)
 
     before = _parquet_mtimes(first.path)
     again = build_datasets(config)
     assert again.cached and again.path == first.path
     assert _parquet_mtimes(again.path) == before, "the second call generated nothing"
     assert _rows(again.train) == _rows(first.train)
+
+
+def test_the_data_does_not_depend_on_how_many_tasks_make_it(ray_local, tmp_path):
+    task = MQARTask(vocab_size=64, parts=(RecallPart(seq_len=16, num_kv_pairs=2),))
+    made = [
+        build_datasets(
+            DataConfig(
+                task=task,
+                cache_dir=tmp_path / str(blocks),
+                blocks=blocks,
+                num_train_examples=300,
+                num_test_examples=40,
+            )
+        )
+        for blocks in (1, 3)
+    ]
+    assert made[0].path.name == made[1].path.name, "blocks is not part of the cache key"
+    assert _rows(made[0].train) == _rows(made[1].train)
+    assert _rows(made[0].test) == _rows(made[1].test)
+
+
+def test_train_shards_give_batches_of_one_length_and_the_guaranteed_count(ray_local, tmp_path):
+    """As Ray Train splits a data set (`streaming_split(n, equal=True)`), each shard's batches
+    hold one part each, and every shard reaches `guaranteed_batches`."""
+    task = MQARTask(
+        vocab_size=128,
+        parts=(
+            RecallPart(seq_len=16, num_kv_pairs=2, weight=3),
+            RecallPart(seq_len=24, num_kv_pairs=3),
+            RecallPart(seq_len=24, num_kv_pairs=4),
+        ),
+    )
+    config = DataConfig(task=task, cache_dir=tmp_path, num_train_examples=1001, blocks=2)
+    prepared = build_datasets(config)
+    shards = prepared.train.streaming_split(2, equal=True)
+    # Split iterators are read together (as Train workers do); one alone waits for the other.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        per_shard = list(
+            pool.map(lambda shard: list(shard_batches(shard, 16, seed=0, drop_last=True)), shards)
+        )
+    floor = guaranteed_batches(1001 // 2, 3, 16)
+    for batches in per_shard:
+        assert len(batches) >= floor
+        for batch in batches:
+            assert len(set(batch["num_kv_pairs"].tolist())) == 1, "one part per batch"
+            assert batch["inputs"].shape == (16, int(batch["seq_len"][0]))
 
 
 def test_test_rows_never_repeat_training_rows(ray_local, tmp_path):
@@ -123,5 +175,6 @@ def test_prep_command_reports_where_the_data_went(ray_local, tmp_path):
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "written at" in first.output and str(tmp_path) in first.output
+    assert "examples/s" in first.output
     second = CliRunner().invoke(app, args)
     assert "reused from cache" in second.output and "train 20 rows" in second.output

@@ -2,12 +2,16 @@
 
 Each returns `inputs` and `labels` (int64 `[N, T]`, aligned: the model reads `inputs[:, t]` and
 is scored on `labels[:, t]`, -100 where unscored) plus per-example metadata columns `[N]`.
+`generate` pads a mixture to its longest part; `generate_part` makes the rows of one part at
+their own length, which is what the prepared data sets store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from pipelines.data.config import SyntheticTask
 from pipelines.data.tasks import copy, forgetting_mqar, mqar, selective_copy
@@ -19,8 +23,21 @@ GENERATORS: dict[str, Callable[[Any, int, int], Batch]] = {
     "copy": copy.generate,
     "selective_copy": selective_copy.generate,
 }
+PART_GENERATORS: dict[str, Callable[[Any, Any, int, np.random.Generator], Batch]] = {
+    "mqar": mqar.generate_part,
+    "forgetting_mqar": forgetting_mqar.generate_part,
+    "copy": copy.generate_part,
+    "selective_copy": selective_copy.generate_part,
+}
 
 
 def generate(config: SyntheticTask, num_examples: int, seed: int) -> Batch:
     """Dispatch on `config.kind` to the task's generator."""
     return GENERATORS[config.kind](config, num_examples, seed)
+
+
+def generate_part(
+    config: SyntheticTask, part: Any, num_examples: int, rng: np.random.Generator
+) -> Batch:
+    """Rows of one part of `config` (an entry of `config.part_list()`), unpadded."""
+    return PART_GENERATORS[config.kind](config, part, num_examples, rng)
