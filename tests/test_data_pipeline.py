@@ -3,7 +3,6 @@ compact storage, batches of one length from Train-style shards."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from pipelines.data import DataError
-from pipelines.data.batches import guaranteed_batches, shard_batches
+from pipelines.data.batches import batches_per_epoch, shard_batches
 from pipelines.data.build import MANIFEST, build_datasets
 from pipelines.data.config import CopyTask, DataConfig, MQARTask, RecallPart, TextTask
 
@@ -78,9 +77,10 @@ def test_the_data_does_not_depend_on_how_many_tasks_make_it(ray_local, tmp_path)
     assert _rows(made[0].test) == _rows(made[1].test)
 
 
-def test_train_shards_give_batches_of_one_length_and_the_guaranteed_count(ray_local, tmp_path):
-    """As Ray Train splits a data set (`streaming_split(n, equal=True)`), each shard's batches
-    hold one part each, and every shard reaches `guaranteed_batches`."""
+def test_every_rank_reads_the_split_in_one_order_and_keeps_its_slice(ray_local, tmp_path):
+    """As Train workers read the unsplit train set: two readers of the same Dataset see the
+    same blocks in the same order, so rank 0 and rank 1 agree on every step's part, hold
+    disjoint rows, and both take `batches_per_epoch` steps."""
     task = MQARTask(
         vocab_size=128,
         parts=(
@@ -91,18 +91,20 @@ def test_train_shards_give_batches_of_one_length_and_the_guaranteed_count(ray_lo
     )
     config = DataConfig(task=task, cache_dir=tmp_path, num_train_examples=1001, blocks=2)
     prepared = build_datasets(config)
-    shards = prepared.train.streaming_split(2, equal=True)
-    # Split iterators are read together (as Train workers do); one alone waits for the other.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        per_shard = list(
-            pool.map(lambda shard: list(shard_batches(shard, 16, seed=0, drop_last=True)), shards)
+    ranks = [
+        list(
+            shard_batches(prepared.train.iterator(), 16, seed=0, drop_last=True, world=2, rank=rank)
         )
-    floor = guaranteed_batches(1001 // 2, 3, 16)
-    for batches in per_shard:
-        assert len(batches) >= floor
-        for batch in batches:
-            assert len(set(batch["num_kv_pairs"].tolist())) == 1, "one part per batch"
-            assert batch["inputs"].shape == (16, int(batch["seq_len"][0]))
+        for rank in (0, 1)
+    ]
+    steps = batches_per_epoch(task, 1001, 16, 2)
+    assert [len(batches) for batches in ranks] == [steps, steps] and steps > 0
+    for first, second in zip(*ranks, strict=True):
+        assert torch.equal(first["num_kv_pairs"], second["num_kv_pairs"])
+        assert len(set(first["num_kv_pairs"].tolist())) == 1, "one part per batch"
+        assert first["inputs"].shape == (16, int(first["seq_len"][0]))
+    rows = [{row.numpy().tobytes() for b in batches for row in b["inputs"]} for batches in ranks]
+    assert not rows[0] & rows[1]
 
 
 def test_test_rows_never_repeat_training_rows(ray_local, tmp_path):

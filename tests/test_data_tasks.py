@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipelines.data import DataError, parse_data_config, presets, segments
-from pipelines.data.batches import guaranteed_batches, part_batches, task_batches
+from pipelines.data.batches import batches_per_epoch, part_batches, task_batches
 from pipelines.data.config import (
     CopyTask,
     DataConfig,
@@ -503,20 +503,36 @@ def test_batches_hold_one_part_each_and_cover_every_row_once():
     )
 
 
-def test_dropping_last_batches_keeps_the_guaranteed_count():
-    task = SMALL_MQAR
-    rng = np.random.default_rng(5)
-    for _ in range(20):
-        counts = rng.integers(1, 60, size=2).tolist()
-        block, _ = _stored_block(task, counts)
-        cut = int(rng.integers(0, block.num_rows + 1))
-        batches = list(
-            part_batches([block.slice(0, cut), block.slice(cut)], 8, seed=1, drop_last=True)
-        )
-        assert all(len(batch["inputs"]) == 8 for batch in batches)
-        assert len(batches) >= guaranteed_batches(block.num_rows, 2, 8)
-    assert guaranteed_batches(100, 2, 16) == (100 - 30) // 16
-    assert guaranteed_batches(10, 3, 16) == 0
+def _key(row: np.ndarray) -> bytes:
+    return row.tobytes()
+
+
+def test_ranks_train_on_the_same_part_at_every_step_with_disjoint_rows():
+    """DDP: every rank reads all blocks and keeps its slice of each global batch, so the ranks
+    agree on each step's part (its length decides the step's all-reduces) and never share rows;
+    each takes exactly `batches_per_epoch` steps."""
+    task = MQARTask(
+        vocab_size=64,
+        parts=(
+            RecallPart(seq_len=16, num_kv_pairs=2, weight=3),
+            RecallPart(seq_len=34, num_kv_pairs=5),
+        ),
+    )
+    counts = apportion(500, task.part_weights())
+    chunks = [_stored_block(task, [counts[0] // 2, counts[1] // 2], seed) for seed in (0, 1)]
+    blocks = [block for block, _ in chunks]
+    ranks = [
+        list(part_batches(blocks, 8, seed=3, drop_last=True, world=3, rank=rank))
+        for rank in range(3)
+    ]
+    steps = batches_per_epoch(task, 500, 8, 3)
+    assert steps == 375 // 24 + 125 // 24
+    assert [len(batches) for batches in ranks] == [steps] * 3
+    for step in zip(*ranks, strict=True):
+        assert len({batch["inputs"].shape for batch in step}) == 1, "one part per step"
+        assert all(len(batch["inputs"]) == 8 for batch in step)
+    rows = [{_key(row) for batch in batches for row in batch["inputs"]} for batches in ranks]
+    assert sum(len(r) for r in rows) == len(set().union(*rows)) == steps * 24, "disjoint"
 
 
 def test_task_batches_draw_one_part_per_step_by_weight():

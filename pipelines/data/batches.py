@@ -1,11 +1,19 @@
 """Batches for training, as torch tensors: from prepared Ray data, or fresh from a generator.
 
-`shard_batches` reads a Ray Data shard (`ray.train.get_dataset_shard`) block by block and forms
-batches of rows of ONE part, so one length, as Zoology's loader does (`zoology/data/utils.py`,
-`_SyntheticDataset`: a batch never spans two data segments): no padding is added, and the mean
-loss of a batch is not re-weighted by padded positions. Per block it keeps a row buffer per part,
-shuffles it, cuts full batches and emits them in a random order over parts, so batches of all
-lengths interleave through the epoch; the rest waits for the part's next block.
+`shard_batches` reads a prepared split from Ray Data (`ray.train.get_dataset_shard`) block by
+block and forms batches of rows of ONE part, so one length, as Zoology's loader does
+(`zoology/data/utils.py`, `_SyntheticDataset`: a batch never spans two data segments): no padding
+is added, and the mean loss of a batch is not re-weighted by padded positions. Per block it keeps
+a row buffer per part, shuffles it, cuts full batches and emits them in a random order over
+parts, so batches of all lengths interleave through the epoch; the rest waits for the part's
+next block.
+
+Under DDP every rank must train on the same part at every step: a part's length decides how many
+truncated-backprop segments, so how many gradient all-reduces, a step takes. So the train split is
+not sharded; every rank reads all of it in the same block order, forms the same global batches of
+`batch_size * world` rows with the same seed, and keeps its own slice of each, as PyTorch's
+`DistributedSampler` does. Every rank then takes exactly `batches_per_epoch` steps. Reading the
+whole split is cheap here: the blocks sit in the shared object store and are viewed, not copied.
 
 `task_batches` draws fresh batches straight from a task's generator: no Ray, no cache. For
 scripts, tests and benchmarks that train in plain PyTorch (the README's library example):
@@ -30,7 +38,7 @@ from pipelines.data.config import SyntheticTask, TaskConfig, TextTask
 from pipelines.data.errors import DataError
 from pipelines.data.layout import part_runs
 from pipelines.data.tasks import generate_part
-from pipelines.data.tasks.common import Batch, block_seed
+from pipelines.data.tasks.common import Batch, apportion, block_seed
 
 TRAIN, TEST = 0, 1
 TorchBatch = dict[str, torch.Tensor]
@@ -48,9 +56,12 @@ def shard_batches(
     *,
     seed: int,
     drop_last: bool,
+    world: int = 1,
+    rank: int = 0,
     prefetch_blocks: int = 1,
 ) -> Iterator[TorchBatch]:
-    """Batches of `batch_size` rows of one part each from a prepared split's shard.
+    """Batches of `batch_size` rows of one part each from a prepared split: this rank's slice
+    of global batches of `batch_size * world` rows (every rank must read the same split).
 
     Tokens keep their stored type (int8/16/32; `to_device` widens them on the device).
     `drop_last`: drop each part's last partial batch (training); else yield it (evaluation).
@@ -58,25 +69,39 @@ def shard_batches(
     blocks = shard.iter_batches(
         batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_blocks
     )
-    for batch in part_batches(blocks, batch_size, seed=seed, drop_last=drop_last):
+    batches = part_batches(
+        blocks, batch_size, seed=seed, drop_last=drop_last, world=world, rank=rank
+    )
+    for batch in batches:
         yield {name: torch.from_numpy(column) for name, column in batch.items()}
 
 
 def part_batches(
-    blocks: Iterable[pa.Table | pa.RecordBatch], batch_size: int, *, seed: int, drop_last: bool
+    blocks: Iterable[pa.Table | pa.RecordBatch],
+    batch_size: int,
+    *,
+    seed: int,
+    drop_last: bool,
+    world: int = 1,
+    rank: int = 0,
 ) -> Iterator[Batch]:
-    """The numpy core of `shard_batches`: blocks in, batches of one part out."""
+    """The numpy core of `shard_batches`: blocks in, this rank's batches of one part out."""
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size} must be >= 1")
+    if not 0 <= rank < world:
+        raise DataError(f"rank={rank} must be in [0, world={world})")
     rng = np.random.default_rng(seed)
     waiting: dict[int, Batch] = {}
+    mine = slice(rank * batch_size, (rank + 1) * batch_size)
     for block in blocks:
         for part, rows in part_runs(block):
             waiting[part] = _concat(waiting[part], rows) if part in waiting else rows
-        yield from _full_batches(waiting, batch_size, rng)
+        for batch in _full_batches(waiting, batch_size * world, rng):
+            yield {name: column[mine] for name, column in batch.items()}
     if not drop_last:
         for part in sorted(waiting):
-            yield _take(waiting[part], rng.permutation(_rows(waiting[part])))
+            rows = _take(waiting[part], rng.permutation(_rows(waiting[part])))
+            yield {name: column[rank::world] for name, column in rows.items()}
 
 
 def _full_batches(
@@ -111,16 +136,14 @@ def _concat(first: Batch, second: Batch) -> Batch:
     return {name: np.concatenate([first[name], second[name]]) for name in first}
 
 
-def guaranteed_batches(rows_per_worker: int, num_parts: int, batch_size: int) -> int:
-    """Full batches every worker is sure to get from `rows_per_worker` rows in `num_parts`
-    parts: each part can leave up to `batch_size - 1` rows over. DDP ranks must take the same
-    number of steps, so an epoch stops there on every rank."""
-    return max(0, (rows_per_worker - num_parts * (batch_size - 1)) // batch_size)
-
-
-def num_parts(task: TaskConfig) -> int:
-    """Parts of the training split: one for text, else the task's mixture."""
-    return 1 if isinstance(task, TextTask) else len(task.part_list())
+def batches_per_epoch(task: TaskConfig, train_rows: int, batch_size: int, world: int) -> int:
+    """Steps every rank takes per epoch of `shard_batches(..., drop_last=True)`: the full
+    global batches of each part of the training split."""
+    if isinstance(task, TextTask):
+        part_rows = [train_rows]
+    else:
+        part_rows = apportion(train_rows, task.part_weights())
+    return sum(rows // (batch_size * world) for rows in part_rows)
 
 
 def task_batches(

@@ -18,7 +18,7 @@ import torch
 
 from pipelines.checkpoint import Position, restore_training, save_checkpoint
 from pipelines.data import DataError
-from pipelines.data.batches import guaranteed_batches, num_parts, shard_batches
+from pipelines.data.batches import batches_per_epoch, shard_batches
 from pipelines.experiment import ExperimentConfig
 from pipelines.train.loop import (
     StepResult,
@@ -63,7 +63,12 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     for epoch in range(position.epoch, config.train.epochs):
         position.epoch = epoch
         batches = shard_batches(
-            train_shard, config.train.batch_size, seed=config.train.seed + epoch, drop_last=True
+            train_shard,
+            config.train.batch_size,
+            seed=config.train.seed + epoch,
+            drop_last=True,
+            world=world,
+            rank=rank,
         )
         clock = time.perf_counter()
         for batch in limited(batches, steps_per_epoch, skip=position.batches_done):
@@ -123,14 +128,13 @@ def _maybe_inject_fault(config: ExperimentConfig, position: Position) -> None:
 
 
 def _steps_per_epoch(config: ExperimentConfig, train_rows: int, world: int) -> int:
-    """Batches of one part that every rank is sure to get (`guaranteed_batches`)."""
-    parts = num_parts(config.data.task)
-    full = guaranteed_batches(train_rows // world, parts, config.train.batch_size)
+    """The global batches of one part each that every rank takes (`batches_per_epoch`)."""
+    full = batches_per_epoch(config.data.task, train_rows, config.train.batch_size, world)
     if full < 1:
         raise DataError(
-            f"{train_rows:,} training rows over {world} worker(s) in {parts} part(s) do not fill "
-            f"one batch of {config.train.batch_size} on every worker: raise "
-            "data.num_train_examples or lower train.batch_size"
+            f"{train_rows:,} training rows do not fill one batch of {config.train.batch_size} "
+            f"rows of one part on each of {world} worker(s): raise data.num_train_examples or "
+            "lower train.batch_size"
         )
     cap = config.train.max_steps_per_epoch
     return min(full, cap) if cap else full
