@@ -18,6 +18,7 @@ import torch
 from pipelines.data import DataError, parse_data_config, presets, segments
 from pipelines.data.batches import batches_per_epoch, part_batches, task_batches
 from pipelines.data.config import (
+    ZOOLOGY_MQAR_TRAIN,
     CopyTask,
     DataConfig,
     ForgettingMQARTask,
@@ -309,7 +310,7 @@ def test_zoology_iclr24_presets_train_and_test_one_setting():
 
 def test_a_preset_is_a_starting_point_for_overrides():
     config = config_from_overrides("zoology-mqar", ["num_train_examples=1800", "seed=3"])
-    assert config.task.parts == presets.ZOOLOGY_MQAR_TRAIN and config.seed == 3
+    assert config.task.parts == ZOOLOGY_MQAR_TRAIN and config.seed == 3
     assert apportion(1800, config.task.part_weights()) == [1000, 200, 200, 200, 200]
     with pytest.raises(DataError, match="weight=0"):
         MQARTask(parts=(RecallPart(seq_len=64, num_kv_pairs=4, weight=0),)).check()

@@ -8,6 +8,8 @@ raises a `DataError` that names the parameter and the fix, before any Ray work s
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -309,18 +311,73 @@ def parse_data_config(raw: dict[str, Any]) -> DataConfig:
     return config
 
 
+# Zoology's MQAR protocols as named data presets, read from Zoology's own configs (the training
+# settings that go with them are in `presets.py`):
+# - `zoology-mqar`: the MQAR data of zoology/experiments/paper_configs/arxiv24_based_figure2/
+#   configs.py (the same data as zoology/experiments/mqar_example_configs/original_mqar_configs.py,
+#   which draws the MQAR plot of Zoology's README): a training mixture of five (seq_len,
+#   num_kv_pairs) configurations with their own example counts (`train_configs`), and seven
+#   separate test configurations with more pairs and longer sequences (`test_configs`, up to
+#   1,024 tokens and 256 pairs, 1,000 examples each); vocabulary 8,192 and `MQARConfig`'s
+#   defaults (power_a=0.01, random_non_queries=True).
+# - `zoology-iclr24-64` / `-128` / `-256`: Zoology's ICLR'24 figure 2
+#   (zoology/experiments/paper_configs/iclr24_zoology_figure2/configs.py), one model per setting,
+#   100,000 train and 3,000 test rows of that setting, random_non_queries=False.
+ZOOLOGY_MQAR_TRAIN = (
+    RecallPart(seq_len=64, num_kv_pairs=4, weight=100_000),
+    RecallPart(seq_len=128, num_kv_pairs=8, weight=20_000),
+    RecallPart(seq_len=256, num_kv_pairs=16, weight=20_000),
+    RecallPart(seq_len=256, num_kv_pairs=32, weight=20_000),
+    RecallPart(seq_len=256, num_kv_pairs=64, weight=20_000),
+)
+ZOOLOGY_MQAR_TEST = (
+    RecallPart(seq_len=64, num_kv_pairs=4, weight=1_000),
+    RecallPart(seq_len=64, num_kv_pairs=8, weight=1_000),
+    RecallPart(seq_len=64, num_kv_pairs=16, weight=1_000),
+    RecallPart(seq_len=128, num_kv_pairs=32, weight=1_000),
+    RecallPart(seq_len=256, num_kv_pairs=64, weight=1_000),
+    RecallPart(seq_len=512, num_kv_pairs=128, weight=1_000),
+    RecallPart(seq_len=1024, num_kv_pairs=256, weight=1_000),
+)
+
+
+def zoology_mqar() -> DataConfig:
+    """Zoology's MQAR mixture: 180,000 training rows in five parts, 7,000 test rows in seven."""
+    task = MQARTask(
+        vocab_size=ZOOLOGY_VOCAB, parts=ZOOLOGY_MQAR_TRAIN, test_parts=ZOOLOGY_MQAR_TEST
+    )
+    return DataConfig(
+        task=task,
+        num_train_examples=sum(part.weight for part in ZOOLOGY_MQAR_TRAIN),
+        num_test_examples=sum(part.weight for part in ZOOLOGY_MQAR_TEST),
+    )
+
+
+def zoology_iclr24(seq_len: int) -> DataConfig:
+    """One setting of Zoology's ICLR'24 figure 2: train and test on that (seq_len, pairs)."""
+    settings = {part.seq_len: part for part in ICLR24_FIGURE2_SETTINGS}
+    _require(seq_len in settings, f"seq_len={seq_len} is not a figure-2 setting: {[*settings]}")
+    task = MQARTask(vocab_size=ZOOLOGY_VOCAB, random_non_queries=False, parts=(settings[seq_len],))
+    return DataConfig(task=task, num_train_examples=100_000, num_test_examples=3_000)
+
+
+PRESETS: dict[str, Callable[[], DataConfig]] = {
+    "zoology-mqar": zoology_mqar,
+    "zoology-iclr24-64": partial(zoology_iclr24, 64),
+    "zoology-iclr24-128": partial(zoology_iclr24, 128),
+    "zoology-iclr24-256": partial(zoology_iclr24, 256),
+}
+
+
 def config_from_overrides(
     kind: str | None = None, overrides: list[str] | None = None, cache_dir: Path | None = None
 ) -> DataConfig:
     """A checked DataConfig from `key=value` strings with dotted paths (`task.vocab_size=64`).
 
     Values are read as JSON when they parse (numbers, lists, objects), else as plain strings.
-    `kind` is a task kind or a preset name (`pipelines.data.presets.PRESETS`, e.g.
-    `zoology-mqar`), whose whole data config the overrides then change; it defaults to MQAR, as
-    in `DataConfig()`.
+    `kind` is a task kind or a preset name (`PRESETS`, e.g. `zoology-mqar`), whose whole data
+    config the overrides then change; it defaults to MQAR, as in `DataConfig()`.
     """
-    from pipelines.data.presets import PRESETS
-
     if kind in PRESETS:
         raw: dict[str, Any] = PRESETS[kind]().model_dump(mode="json", exclude={"cache_dir"})
     else:

@@ -1,55 +1,26 @@
-"""Zoology's MQAR protocols as named data presets, read from Zoology's own configs.
+"""Zoology's MQAR protocols: the data presets (in `config.py`, `PRESETS`) and the training
+settings Zoology's sweeps pair with them, read from Zoology's configs, for recipes and reports.
 
-- `zoology-mqar`: the MQAR data of Zoology's repository sweep
-  `zoology/experiments/paper_configs/arxiv24_based_figure2/configs.py` (the same data as
-  `zoology/experiments/mqar_example_configs/original_mqar_configs.py`, which draws the MQAR plot
-  in Zoology's README): one training mixture of five (seq_len, num_kv_pairs) configurations with
-  their own example counts, and seven separate test configurations with more pairs and longer
-  sequences (up to 1,024 tokens, 256 pairs), vocabulary 8,192, Zoology's `MQARConfig` defaults
-  (`power_a=0.01`, `random_non_queries=True`).
-- `zoology-iclr24-64` / `-128` / `-256`: Zoology's ICLR'24 figure 2
-  (`zoology/experiments/paper_configs/iclr24_zoology_figure2/configs.py`), which trains one model
-  per setting (64, 4), (128, 8), (256, 16) on 100,000 rows and tests on 3,000 rows of the same
-  setting, with `random_non_queries=False`.
-
-Training settings of those sweeps (not data, so not in the presets; for recipes and reports):
-`ZOOLOGY_MQAR_TRAINING` and `ZOOLOGY_ICLR24_TRAINING`.
+- `zoology-mqar` data, `ZOOLOGY_MQAR_TRAINING`:
+  zoology/experiments/paper_configs/arxiv24_based_figure2/configs.py;
+- `zoology-iclr24-*` data, `ZOOLOGY_ICLR24_TRAINING`:
+  zoology/experiments/paper_configs/iclr24_zoology_figure2/configs.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from pydantic import Field
 
-from pipelines.data.config import (
-    ICLR24_FIGURE2_SETTINGS,
-    ZOOLOGY_VOCAB,
-    DataConfig,
-    MQARTask,
-    RecallPart,
-    Strict,
-)
+from pipelines.data.config import PRESETS, Strict, zoology_iclr24, zoology_mqar
 
-# zoology/experiments/paper_configs/arxiv24_based_figure2/configs.py, `train_configs`:
-# MQARConfig(input_seq_len, num_examples, num_kv_pairs) -> (seq_len, num_kv_pairs, weight).
-ZOOLOGY_MQAR_TRAIN = (
-    RecallPart(seq_len=64, num_kv_pairs=4, weight=100_000),
-    RecallPart(seq_len=128, num_kv_pairs=8, weight=20_000),
-    RecallPart(seq_len=256, num_kv_pairs=16, weight=20_000),
-    RecallPart(seq_len=256, num_kv_pairs=32, weight=20_000),
-    RecallPart(seq_len=256, num_kv_pairs=64, weight=20_000),
-)
-# The same file, `test_configs`: 1,000 examples each.
-ZOOLOGY_MQAR_TEST = (
-    RecallPart(seq_len=64, num_kv_pairs=4, weight=1_000),
-    RecallPart(seq_len=64, num_kv_pairs=8, weight=1_000),
-    RecallPart(seq_len=64, num_kv_pairs=16, weight=1_000),
-    RecallPart(seq_len=128, num_kv_pairs=32, weight=1_000),
-    RecallPart(seq_len=256, num_kv_pairs=64, weight=1_000),
-    RecallPart(seq_len=512, num_kv_pairs=128, weight=1_000),
-    RecallPart(seq_len=1024, num_kv_pairs=256, weight=1_000),
-)
+__all__ = [
+    "PRESETS",
+    "ZOOLOGY_ICLR24_TRAINING",
+    "ZOOLOGY_MQAR_TRAINING",
+    "TrainingProtocol",
+    "zoology_iclr24",
+    "zoology_mqar",
+]
 
 
 class TrainingProtocol(Strict):
@@ -89,32 +60,3 @@ ZOOLOGY_ICLR24_TRAINING = TrainingProtocol(
     epochs=64,
     d_models=(64, 128, 256, 512),
 )
-
-
-def zoology_mqar() -> DataConfig:
-    """Zoology's MQAR mixture: 180,000 training rows in five parts, 7,000 test rows in seven."""
-    task = MQARTask(
-        vocab_size=ZOOLOGY_VOCAB, parts=ZOOLOGY_MQAR_TRAIN, test_parts=ZOOLOGY_MQAR_TEST
-    )
-    return DataConfig(
-        task=task,
-        num_train_examples=sum(part.weight for part in ZOOLOGY_MQAR_TRAIN),
-        num_test_examples=sum(part.weight for part in ZOOLOGY_MQAR_TEST),
-    )
-
-
-def zoology_iclr24(seq_len: int) -> DataConfig:
-    """One setting of Zoology's ICLR'24 figure 2: train and test on that (seq_len, pairs)."""
-    settings = {part.seq_len: part for part in ICLR24_FIGURE2_SETTINGS}
-    if seq_len not in settings:
-        raise ValueError(f"seq_len={seq_len} is not a figure-2 setting; pick one of {[*settings]}")
-    task = MQARTask(vocab_size=ZOOLOGY_VOCAB, random_non_queries=False, parts=(settings[seq_len],))
-    return DataConfig(task=task, num_train_examples=100_000, num_test_examples=3_000)
-
-
-PRESETS: dict[str, Callable[[], DataConfig]] = {
-    "zoology-mqar": zoology_mqar,
-    "zoology-iclr24-64": lambda: zoology_iclr24(64),
-    "zoology-iclr24-128": lambda: zoology_iclr24(128),
-    "zoology-iclr24-256": lambda: zoology_iclr24(256),
-}
