@@ -96,8 +96,7 @@ def part_batches(
     for block in blocks:
         for part, rows in part_runs(block):
             waiting[part] = _concat(waiting[part], rows) if part in waiting else rows
-        for batch in _full_batches(waiting, batch_size * world, rng):
-            yield {name: column[mine] for name, column in batch.items()}
+        yield from _full_batches(waiting, batch_size * world, mine, rng)
     if not drop_last:
         for part in sorted(waiting):
             rows = _take(waiting[part], rng.permutation(_rows(waiting[part])))
@@ -105,9 +104,10 @@ def part_batches(
 
 
 def _full_batches(
-    waiting: dict[int, Batch], size: int, rng: np.random.Generator
+    waiting: dict[int, Batch], size: int, mine: slice, rng: np.random.Generator
 ) -> Iterator[Batch]:
-    """Every full batch the buffers hold, parts in random order; remainders stay waiting."""
+    """This rank's slice of every full global batch of `size` rows the buffers hold, parts in
+    random order; remainders stay waiting."""
     orders = {part: rng.permutation(_rows(rows)) for part, rows in waiting.items()}
     plan = np.array([part for part, order in orders.items() for _ in range(len(order) // size)])
     rng.shuffle(plan)
@@ -115,7 +115,7 @@ def _full_batches(
     for part in plan.tolist():
         start = cursor[part]
         cursor[part] += size
-        yield _take(waiting[part], orders[part][start : start + size])
+        yield _take(waiting[part], orders[part][start : start + size][mine])
     for part, order in orders.items():
         rest = order[cursor[part] :]
         if len(rest):

@@ -1,9 +1,9 @@
 """`build_datasets`: the one place that composes the pure generators with Ray Data.
 
 A split's rows are planned in chunks of about `CHUNK_TOKENS` tokens (every part in proportion, a
-seed per chunk, a separate seed stream per split). `map_batches` tasks, one per CPU of the cluster,
-each generate their chunks with whole-array numpy code (no per-row Python) and write each one
-once as a Parquet file in the compact layout of `layout.py`, under
+seed per chunk, a separate seed stream per split). One `map_batches` task per chunk, one per CPU
+of the cluster at a time, generates it with whole-array numpy code (no per-row Python)
+and writes it once as a Parquet file in the compact layout of `layout.py`, under
 `cache_dir/<hash of the data config>/`; the driver follows their progress. The files are read
 back as Ray Datasets for `TorchTrainer(datasets=...)` and `ray.train.get_dataset_shard`. The cache
 is filled in a temporary directory and renamed into place, so a crash leaves no half-written cache.
@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -43,12 +43,11 @@ MANIFEST = "manifest.json"
 # Parquet file and one Ray Data block (16 MB of int16 tokens). Part of the format: the chunk
 # boundaries decide the seeds, so the data does not depend on how many tasks make it.
 CHUNK_TOKENS = 1 << 22
-# zstd level 1 without dictionaries or statistics (useless on random token lists): the fastest
-# Parquet write measured on MQAR blocks, a third of the uncompressed bytes (bench_data.py).
+# zstd level 1 without column statistics (useless on token lists, and a fifth of the write time):
+# as fast to write and read as lz4 or snappy on MQAR blocks, and the smallest files (bench_data.py).
 PARQUET_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
     "compression_level": 1,
-    "use_dictionary": False,
     "write_statistics": False,
 }
 # Fractional CPUs keep data tasks schedulable next to Train workers on small machines.
@@ -245,21 +244,21 @@ def _generate_split(
     scratch: Path,
     say: Progress,
 ) -> int:
-    """Chunks generated and written in parallel by `map_batches` tasks; returns rows kept."""
+    """One `map_batches` task per chunk, `config.blocks` (None: one per CPU of the cluster) at a
+    time; returns the rows kept."""
     chunks = plan_chunks(task, num_examples)
-    workers = min(len(chunks), config.blocks or _cluster_cpus())
     folder = scratch / split
     folder.mkdir(parents=True)
-    dataset = ray.data.range(workers, override_num_blocks=workers).map_batches(
-        _write_chunks,
+    dataset = ray.data.range(len(chunks), override_num_blocks=len(chunks)).map_batches(
+        _write_chunk,
         batch_size=1,
         num_cpus=_TASK_CPUS,
+        concurrency=min(len(chunks), config.blocks or _cluster_cpus()),
         fn_kwargs={
             "task": task.model_dump(mode="json"),
             "seed": config.seed,
             "split": _SPLITS[split],
             "chunks": chunks,
-            "workers": workers,
             "folder": str(folder),
             "exclude": exclude,
         },
@@ -267,36 +266,32 @@ def _generate_split(
     return _follow(dataset, split, num_examples, say)
 
 
-def _write_chunks(
+def _write_chunk(
     batch: Batch,
     *,
     task: dict[str, object],
     seed: int,
     split: int,
     chunks: list[tuple[int, ...]],
-    workers: int,
     folder: str,
     exclude: np.ndarray | None,
-) -> Iterator[Batch]:
-    """One Ray task: chunks `worker`, `worker + workers`, ... each generated, hashed, filtered
-    and written as one Parquet file; yields (rows made, rows kept, bytes) per chunk as it goes.
-    The task config crosses as a dict and is validated again here."""
-    worker = int(batch["id"][0])
+) -> Batch:
+    """One Ray task: one chunk generated, hashed, filtered and written as one Parquet file;
+    returns (rows made, rows kept, bytes). The task config crosses as a dict and is validated
+    again here."""
+    chunk = int(batch["id"][0])
     config = _TASK_ADAPTER.validate_python(task)
     assert not isinstance(config, TextTask)
-    dtype = token_dtype(config.vocab_size)
-    for chunk in range(worker, len(chunks), workers):
-        rng = np.random.default_rng(block_seed(seed, split, chunk))
-        pieces, parts = [], []
-        for index, (part, count) in enumerate(zip(config.part_list(), chunks[chunk], strict=True)):
-            if count:
-                pieces.append(_hashed(generate_part(config, part, count, rng), exclude))
-                parts.append(index)
-        path = Path(folder) / f"{chunk:05d}.parquet"
-        table = to_table(pieces, parts, dtype)
-        pq.write_table(table, path, **PARQUET_OPTIONS)
-        made = sum(chunks[chunk])
-        yield _stats(made, table.num_rows, path)
+    rng = np.random.default_rng(block_seed(seed, split, chunk))
+    pieces, parts = [], []
+    for index, (part, count) in enumerate(zip(config.part_list(), chunks[chunk], strict=True)):
+        if count:
+            pieces.append(_hashed(generate_part(config, part, count, rng), exclude))
+            parts.append(index)
+    table = to_table(pieces, parts, token_dtype(config.vocab_size))
+    path = Path(folder) / f"{chunk:05d}.parquet"
+    pq.write_table(table, path, **PARQUET_OPTIONS)
+    return _stats(sum(chunks[chunk]), table.num_rows, path)
 
 
 def _hashed(rows: Batch, exclude: np.ndarray | None) -> Batch:
@@ -323,11 +318,12 @@ def _follow(dataset: ray.data.Dataset, split: str, total: int, say: Progress) ->
     for stats in dataset.iter_rows():
         made, kept = made + int(stats["made"]), kept + int(stats["kept"])
         rate = made / max(time.perf_counter() - started, 1e-9)
-        say(f"{split}: {made:,}/{total:,} examples written ({rate:,.0f} examples/s)")
+        say(f"{split}: {made:,}/{total:,} examples, {kept:,} rows written ({rate:,.0f} examples/s)")
     return kept
 
 
 def _cluster_cpus() -> int:
+    """Logical CPUs of the Ray cluster: more tasks at once would only start more processes."""
     if ray.is_initialized():
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
     return os.cpu_count() or 1

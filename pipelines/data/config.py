@@ -278,8 +278,8 @@ class DataConfig(Strict):
     the cache.
 
     `num_train_examples`/`num_test_examples` size the synthetic tasks (split over the task's parts
-    by their weights); a text corpus is sized by `task.max_bytes`. `blocks` is the number of
-    parallel generation tasks (None: one per CPU of the Ray cluster); it does not change the data,
+    by their weights); a text corpus is sized by `task.max_bytes`. `blocks` caps the generation
+    tasks running at once (None: one per CPU of the Ray cluster); it does not change the data,
     which is drawn in fixed chunks with a seed each.
     """
 
