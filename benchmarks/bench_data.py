@@ -13,7 +13,10 @@
    `fill_cache` (generate and write the Parquet cache) and reading it back as Ray Datasets, after
    one untimed warm-up build (Ray's worker processes start once per session, not per build).
    The per-example generator is timed in CPU seconds, the pipeline in wall seconds (it spans
-   processes), so a busy machine lowers the ratio, never raises it.
+   processes), so a busy machine lowers the ratio, never raises it. A shared machine's load makes
+   wall seconds noisy, so the pipeline's CPU seconds (all of the Ray session's processes: GCS,
+   raylet, workers, driver) are reported too, and the CPU ratio (examples per CPU second,
+   pipeline over per-example generator) compares the two on work done, whatever the load.
    The target (issue 15): pipeline examples/s >= 10x the per-example generator at >= 100k rows.
 
 Run from the repository root: `.venv/bin/python benchmarks/bench_data.py [--quick]`.
@@ -252,7 +255,7 @@ def measure_codecs(table: pa.Table) -> list[CodecRow]:
 PIPELINE_SCRIPT = """
 import json, os, sys, tempfile, time
 from pathlib import Path
-import ray, ray.data
+import psutil, ray, ray.data
 from pydantic import TypeAdapter
 from pipelines.data.build import build_datasets, fill_cache
 from pipelines.data.config import DataConfig, TaskConfig
@@ -269,6 +272,17 @@ start = time.process_time()  # CPU time: a busy machine slows the wall clock, no
 for index in range(settings["ref_examples"]):
     generate(buckets[index % len(buckets)], 1, seed + index)
 per_example = settings["ref_examples"] / (time.process_time() - start)
+def session_cpu():
+    # This process and its descendants: Ray's GCS, raylet and worker processes.
+    total = 0.0
+    me = psutil.Process()
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
 ray.init(num_cpus=settings["cpus"], include_dashboard=False, log_to_driver=False)
 ray.data.DataContext.get_current().enable_progress_bars = False
 runs = []
@@ -278,6 +292,7 @@ for repeat in range(settings["repeats"] + 1):
                             num_train_examples=settings["examples"],
                             num_test_examples=settings["test_examples"], **settings["extra"])
         load = os.getloadavg()[0]
+        cpu = session_cpu()
         start = time.perf_counter()
         fill_cache(config)
         written = time.perf_counter()
@@ -285,7 +300,8 @@ for repeat in range(settings["repeats"] + 1):
         rows = prepared.train.count() + prepared.test.count()
         done = time.perf_counter()
         runs.append({"write_s": written - start, "read_s": done - written, "rows": rows,
-                     "load_average": load, "bytes": prepared.metadata.bytes})
+                     "cpu_s": session_cpu() - cpu, "load_average": load,
+                     "bytes": prepared.metadata.bytes})
 ray.shutdown()
 print("RESULT " + json.dumps({"per_example": per_example, "runs": runs[1:]}))
 """
@@ -301,6 +317,8 @@ class PipelineRow:
     pipeline_examples_per_s: float
     per_example_examples_per_s: float
     ratio: float
+    pipeline_examples_per_cpu_s: float
+    cpu_ratio: float
     megabytes: float
     load_average: float
 
@@ -347,6 +365,7 @@ def measure_pipeline(version: str, root: Path, kind: str, args: argparse.Namespa
     write = float(np.median([run["write_s"] for run in runs]))
     read = float(np.median([run["read_s"] for run in runs]))
     rate = runs[0]["rows"] / (write + read)
+    per_cpu = runs[0]["rows"] / float(np.median([run["cpu_s"] for run in runs]))
     per_example = result["per_example"]
     log(f"  {version}: write {write:.2f}s, read {read:.2f}s, {rate:,.0f} examples/s")
     return PipelineRow(
@@ -358,6 +377,8 @@ def measure_pipeline(version: str, root: Path, kind: str, args: argparse.Namespa
         rate,
         per_example,
         rate / per_example,
+        per_cpu,
+        per_cpu / per_example,
         runs[0]["bytes"] / 1e6,
         float(np.mean([run["load_average"] for run in runs])),
     )
@@ -412,7 +433,7 @@ def codec_table(rows: list[CodecRow]) -> str:
 
 def pipeline_table(rows: list[PipelineRow]) -> str:
     headers = ["version", "task", "examples", "write s", "read s", "pipeline ex/s"]
-    headers += ["per-example ex/s", "ratio", "MB", "load avg"]
+    headers += ["per-example ex/CPU s", "ratio", "pipeline ex/CPU s", "CPU ratio", "MB", "load"]
     cells = [
         [
             row.version,
@@ -423,6 +444,8 @@ def pipeline_table(rows: list[PipelineRow]) -> str:
             f"{row.pipeline_examples_per_s:,.0f}",
             f"{row.per_example_examples_per_s:,.0f}",
             f"{row.ratio:.1f}x",
+            f"{row.pipeline_examples_per_cpu_s:,.0f}",
+            f"{row.cpu_ratio:.1f}x",
             f"{row.megabytes:.1f}",
             f"{row.load_average:.1f}",
         ]

@@ -191,6 +191,33 @@ def test_power_law_columns_are_sequential_draws_without_replacement():
     _check_gaps_follow_the_law(gaps, law)
 
 
+class _TiedExponentials:
+    """A Generator stand-in whose 'exponentials' take 3 values: ties everywhere."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def standard_exponential(self, shape: tuple[int, int]) -> np.ndarray:
+        return self.rng.integers(1, 4, size=shape).astype(np.float64)
+
+
+def _reference_choice(rng, space: int, n: int, k: int, power_a: float) -> np.ndarray:
+    """The definition, slowly: rank every key by (key, position) with a full stable sort."""
+    inverse = np.array([(i + 1) ** (1 - power_a) for i in range(space)])
+    keys = rng.standard_exponential((n, space)) * inverse
+    return np.argsort(keys, axis=1, stable=True)[:, :k]
+
+
+@pytest.mark.parametrize(("space", "k"), [(1, 1), (7, 7), (40, 3), (112, 16), (496, 256)])
+@pytest.mark.parametrize("tied", [False, True], ids=["continuous", "tied"])
+def test_power_law_fast_path_equals_the_full_sort(space: int, k: int, tied: bool):
+    """argpartition + stable sorts + the tie fallback give exactly the full stable sort's
+    first k columns, with and without tied keys (power_a=1: equal weights, so equal keys)."""
+    make, power_a = (_TiedExponentials, 1.0) if tied else (np.random.default_rng, 0.01)
+    fast = power_law_choice(make(3), space, 300, k, power_a)
+    assert np.array_equal(fast, _reference_choice(make(3), space, 300, k, power_a))
+
+
 @pytest.mark.parametrize("kind", ["mqar", "forgetting_mqar"])
 def test_the_jth_key_is_queried_at_the_jth_sequential_gap(kind: str):
     """In generated rows: key j of the context is queried at gap j of the sequential law."""

@@ -91,14 +91,14 @@ def power_law_choice(
     depends on `argpartition`'s unspecified order.
     """
     keys = rng.standard_exponential((n, space)) * _inverse_weights(space, power_a)
+    rows = np.arange(n)[:, None]
     chosen = np.argpartition(keys, k - 1, axis=1)[:, :k]
     chosen.sort(axis=1)  # ascending position, so the stable sort below breaks ties by position
-    values = np.take_along_axis(keys, chosen, axis=1)
-    chosen = np.take_along_axis(chosen, np.argsort(values, axis=1, stable=True), axis=1)
-    tied = (keys <= values.max(axis=1, keepdims=True)).sum(axis=1) != k
+    chosen = chosen[rows, np.argsort(keys[rows, chosen], axis=1, stable=True)]
+    tied = np.count_nonzero(keys <= keys[rows, chosen[:, -1:]], axis=1) != k
     if tied.any():
         chosen[tied] = np.argsort(keys[tied], axis=1, stable=True)[:, :k]
-    return chosen.astype(np.int64)
+    return chosen.astype(np.int64, copy=False)
 
 
 @lru_cache(maxsize=64)
