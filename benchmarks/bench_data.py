@@ -255,7 +255,8 @@ def measure_codecs(table: pa.Table) -> list[CodecRow]:
 PIPELINE_SCRIPT = """
 import json, os, sys, tempfile, time
 from pathlib import Path
-import psutil, ray, ray.data
+import glob, math
+import ray, ray.data
 from pydantic import TypeAdapter
 from pipelines.data.build import build_datasets, fill_cache
 from pipelines.data.config import DataConfig, TaskConfig
@@ -273,16 +274,25 @@ for index in range(settings["ref_examples"]):
     generate(buckets[index % len(buckets)], 1, seed + index)
 per_example = settings["ref_examples"] / (time.process_time() - start)
 def session_cpu():
-    # This process and its descendants: Ray's GCS, raylet and worker processes.
-    total = 0.0
-    me = psutil.Process()
-    for process in [me, *me.children(recursive=True)]:
+    # CPU seconds of this process and its descendants (Ray's GCS, raylet and workers), from
+    # /proc (Linux): utime and stime, fields 14 and 15 of /proc/PID/stat.
+    if not os.path.isdir("/proc"):
+        return math.nan
+    parent, ticks = {}, {}
+    for path in glob.glob("/proc/[0-9]*/stat"):
         try:
-            times = process.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
+            text = open(path).read()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        pid = int(path.split("/")[2])
+        parent[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])
+    family, grew = {os.getpid()}, True
+    while grew:
+        children = {pid for pid, ppid in parent.items() if ppid in family} - family
+        family |= children
+        grew = bool(children)
+    return sum(ticks.get(pid, 0) for pid in family) / os.sysconf("SC_CLK_TCK")
 ray.init(num_cpus=settings["cpus"], include_dashboard=False, log_to_driver=False)
 ray.data.DataContext.get_current().enable_progress_bars = False
 runs = []
