@@ -57,7 +57,7 @@ from pydantic import TypeAdapter
 from pipelines.data.batches import part_batches
 from pipelines.data.build import PARQUET_OPTIONS, plan_chunks
 from pipelines.data.config import TaskConfig, TextTask
-from pipelines.data.layout import to_table, token_dtype
+from pipelines.data.layout import part_runs, to_table, token_dtype
 from pipelines.data.tasks import GENERATORS, generate_part
 from pipelines.data.tasks.common import block_seed, row_hashes
 from pipelines.data.text import load_corpus, stream_rows
@@ -79,20 +79,22 @@ NOTE = (
     "torch is not used). The per-example loop calls the generator once per example "
     "(num_examples=1, distinct seeds), cycling through the task's length buckets."
 )
+_BARE = {"use_dictionary": False, "write_statistics": False}
 CODECS: dict[str, dict[str, Any]] = {
     "snappy (pyarrow default)": {"compression": "snappy"},
     "none": {"compression": "none"},
-    "lz4": {"compression": "lz4"},
     "zstd-1": {"compression": "zstd", "compression_level": 1},
-    "zstd-1, no dictionary": {
-        "compression": "zstd",
-        "compression_level": 1,
-        "use_dictionary": False,
-    },
-    "zstd-3": {"compression": "zstd", "compression_level": 3},
-    "lz4, no statistics": {"compression": "lz4", "write_statistics": False},
-    "zstd-1, no statistics (cache)": PARQUET_OPTIONS,
+    "lz4": {"compression": "lz4"},
+    "none, bare": {"compression": "none", **_BARE},
+    "snappy, bare": {"compression": "snappy", **_BARE},
+    "zstd-1, bare": {"compression": "zstd", "compression_level": 1, **_BARE},
+    "zstd-3, bare": {"compression": "zstd", "compression_level": 3, **_BARE},
+    "lz4, bare (the cache's)": PARQUET_OPTIONS,
 }
+CODEC_NOTE = (
+    "bare = no dictionary, no column statistics. 'as list<intN>': the same block with token "
+    "columns as Arrow lists, which Parquet encodes with a repetition level per token."
+)
 
 Generate = Callable[[Any, int, int], Any]
 
@@ -222,7 +224,7 @@ def measure_stages(kind: str, examples: int, seed: int) -> tuple[list[StageRow],
                 with clock.stage("row_hashes"):
                     rows["row_hash"] = row_hashes(rows)
                 pieces.append(rows)
-            with clock.stage("to_table (int16 lists)"):
+            with clock.stage("to_table (int16 rows)"):
                 table = to_table(pieces, range(len(pieces)), dtype)
             path = Path(folder) / f"{index}.parquet"
             with clock.stage("parquet write"):
@@ -237,17 +239,34 @@ def measure_stages(kind: str, examples: int, seed: int) -> tuple[list[StageRow],
 
 
 def measure_codecs(table: pa.Table) -> list[CodecRow]:
-    """Bytes, write and read CPU seconds (best of 3) of one stored block per codec."""
+    """Bytes, write and read CPU seconds (best of 3) of one stored block per codec, and of the
+    same block with list token columns under the cache's options."""
     rows = []
+    candidates = [(name, table, options) for name, options in CODECS.items()]
+    candidates.append(("lz4, bare, as list<intN>", as_lists(table), PARQUET_OPTIONS))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "block.parquet"
-        for name, options in CODECS.items():
+        for name, block, options in candidates:
             write = min(
-                cpu_seconds(partial(pq.write_table, table, path, **options)) for _ in range(3)
+                cpu_seconds(partial(pq.write_table, block, path, **options)) for _ in range(3)
             )
             read = min(cpu_seconds(partial(pq.read_table, path)) for _ in range(3))
             rows.append(CodecRow(name, path.stat().st_size / 1e6, write, read))
     return rows
+
+
+def as_lists(table: pa.Table) -> pa.Table:
+    """The block with its token columns as `list<intN>` (rows of one part each run)."""
+    columns = {}
+    for name in table.column_names:
+        columns[name] = table[name].combine_chunks()
+        if name in ("inputs", "labels"):
+            runs = [rows[name] for _, rows in part_runs(table)]
+            widths = np.concatenate([np.full(len(run), run.shape[1]) for run in runs])
+            offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int32)
+            values = np.concatenate([run.ravel() for run in runs])
+            columns[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return pa.table(columns)
 
 
 # Runs in a fresh process against one version of the code (this tree or the baseline's), so
@@ -523,6 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     log(stage_table(stages))
     log("")
     log(codec_table(codecs))
+    log(textwrap.fill(CODEC_NOTE, width=100))
     log("")
     log(pipeline_table(pipeline))
     payload = {
@@ -532,6 +552,7 @@ def main(argv: list[str] | None = None) -> None:
         "tasks": [dataclasses.asdict(row) for row in tasks],
         "text": [dataclasses.asdict(row) for row in text],
         "stages": [dataclasses.asdict(row) for row in stages],
+        "codec_note": CODEC_NOTE,
         "codecs": [dataclasses.asdict(row) for row in codecs],
         "pipeline": [dataclasses.asdict(row) for row in pipeline],
     }

@@ -13,16 +13,31 @@ from pipelines.data import DataError
 from pipelines.data.batches import batches_per_epoch, shard_batches
 from pipelines.data.build import MANIFEST, build_datasets
 from pipelines.data.config import CopyTask, DataConfig, MQARTask, RecallPart, TextTask
+from pipelines.data.layout import part_runs
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 
+def _runs(dataset) -> list[dict[str, np.ndarray]]:
+    """Every run of rows of one part, decoded from the stored blocks."""
+    blocks = dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+    return [rows for block in blocks for _, rows in part_runs(block)]
+
+
 def _rows(dataset) -> set[tuple[bytes, bytes]]:
-    batch = dataset.to_pandas()
     return {
-        (np.asarray(i, np.int64).tobytes(), np.asarray(t, np.int64).tobytes())
-        for i, t in zip(batch["inputs"], batch["labels"], strict=True)
+        (i.astype(np.int64).tobytes(), t.astype(np.int64).tobytes())
+        for rows in _runs(dataset)
+        for i, t in zip(rows["inputs"], rows["labels"], strict=True)
     }
+
+
+def _columns(dataset) -> dict[str, np.ndarray]:
+    """A one-part split's columns, rows in stream order (text)."""
+    runs = _runs(dataset)
+    columns = {name: np.concatenate([rows[name] for rows in runs]) for name in runs[0]}
+    order = np.argsort(columns["position"])
+    return {name: column[order] for name, column in columns.items()}
 
 
 def _parquet_mtimes(path: Path) -> dict[Path, int]:
@@ -156,13 +171,12 @@ def test_text_streams_from_local_files(ray_local, tmp_path):
     config = DataConfig(task=task, cache_dir=tmp_path / "cache", blocks=3)
     prepared = build_datasets(config)
     assert prepared.vocab_size == 256
-    train = prepared.train.to_pandas().sort_values("position")
-    inputs = np.stack(train["inputs"].to_numpy())
-    labels = np.stack(train["labels"].to_numpy())
-    assert len(train) == (5 * 200 - 1) // 16
+    train = _columns(prepared.train)
+    inputs, labels = train["inputs"], train["labels"]
+    assert inputs.shape == ((5 * 200 - 1) // 16, 16) and inputs.dtype == np.int16
     assert np.array_equal(labels[:-1, -1], inputs[1:, 0]), "rows continue one stream"
     train_letters = set(np.unique(inputs).tolist())
-    test_letters = set(np.unique(np.stack(prepared.test.to_pandas()["inputs"].to_numpy())).tolist())
+    test_letters = set(np.unique(_columns(prepared.test)["inputs"]).tolist())
     assert len(test_letters) == 1 and not train_letters & test_letters, "split by document"
 
 

@@ -36,18 +36,18 @@ from pipelines.data.tasks.common import Batch, apportion, block_seed, row_hashes
 from pipelines.data.text import Corpus, block_slices, load_corpus, stream_rows
 
 # Bump when the on-disk layout or a generator's output changes, to invalidate old caches.
-# 3: exact sequential power-law gaps; compact token lists per part, no padding; zstd Parquet.
+# 3: exact sequential power-law gaps; compact token rows per part, no padding; lz4 Parquet.
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 # Rows are drawn in chunks of about this many tokens, each with its own seed; one chunk is one
-# Parquet file and one Ray Data block (16 MB of int16 tokens). Part of the format: the chunk
-# boundaries decide the seeds, so the data does not depend on how many tasks make it.
+# Parquet file and one Ray Data block (16 MB of int16 inputs and labels). Part of the format: the
+# chunk boundaries decide the seeds, so the data does not depend on how many tasks make it.
 CHUNK_TOKENS = 1 << 22
-# zstd level 1 without column statistics (useless on token lists, and a fifth of the write time):
-# as fast to write and read as lz4 or snappy on MQAR blocks, and the smallest files (bench_data.py).
+# lz4 without dictionaries or column statistics (useless on token rows): the fastest Parquet
+# write and read measured on these blocks, at a fifth more bytes than zstd (bench_data.py).
 PARQUET_OPTIONS: dict[str, Any] = {
-    "compression": "zstd",
-    "compression_level": 1,
+    "compression": "lz4",
+    "use_dictionary": False,
     "write_statistics": False,
 }
 # Fractional CPUs keep data tasks schedulable next to Train workers on small machines.
@@ -85,8 +85,8 @@ class Manifest(Strict):
 class PreparedData:
     """Train and test Ray Datasets, read from the cache on first use.
 
-    Rows: `inputs`, `labels` (`list<intN>`, each part at its own length), `part` and the task's
-    metadata (`pipelines.data.layout`); read batches of one part with `shard_batches`.
+    Rows: `inputs`, `labels` (intN token bytes, each part at its own length), `part` and the
+    task's metadata (`pipelines.data.layout`); read batches of one part with `shard_batches`.
     """
 
     vocab_size: int
