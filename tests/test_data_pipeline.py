@@ -61,7 +61,7 @@ def test_synthetic_data_is_written_once_and_reused(ray_local, tmp_path):
     assert first.metadata.test_rows == first.test.count() == 20
     assert (first.metadata.train_seq_len, first.metadata.test_seq_len) == (32, 48)
     assert first.vocab_size == 64 and first.metadata.token_dtype == "int8"
-    assert any("90/90 examples, 90 rows written" in m and "examples/s" in m for m in messages)
+    assert any("train 90/90, test 20/20" in m and "examples/s" in m for m in messages), messages
     batches = list(shard_batches(first.train.iterator(), 8, seed=0, drop_last=True))
     assert {tuple(b["inputs"].shape) for b in batches} == {(8, 16), (8, 32)}
     assert all(b["inputs"].dtype == b["labels"].dtype == torch.int8 for b in batches)

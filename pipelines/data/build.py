@@ -1,9 +1,9 @@
 """`build_datasets`: the one place that composes the pure generators with Ray Data.
 
 A split's rows are planned in chunks of about `CHUNK_TOKENS` tokens (every part in proportion, a
-seed per chunk, a separate seed stream per split). One `map_batches` task per chunk, one per CPU
-of the cluster at a time, generates it with whole-array numpy code (no per-row Python)
-and writes it once as a Parquet file in the compact layout of `layout.py`, under
+seed per chunk, a separate seed stream per split). One `map_batches` task per chunk of either
+split, one per CPU of the cluster at a time, generates it with whole-array numpy code (no per-row
+Python) and writes it once as a Parquet file in the compact layout of `layout.py`, under
 `cache_dir/<hash of the data config>/`; the driver follows their progress. The files are read
 back as Ray Datasets for `TorchTrainer(datasets=...)` and `ray.train.get_dataset_shard`. The cache
 is filled in a temporary directory and renamed into place, so a crash leaves no half-written cache.
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 from pydantic import TypeAdapter
@@ -212,15 +213,37 @@ def _fill(
 
 
 def _write_synthetic(config: DataConfig, scratch: Path, say: Progress) -> int:
-    """Train first; then test, dropping rows whose hash occurs in train. Returns rows dropped."""
+    """Both splits in one pass of `map_batches` tasks, one per chunk, `config.blocks` (None:
+    one per CPU of the cluster) at a time; then the test rows whose hash occurs in train are
+    dropped. Returns the rows dropped."""
     task = config.task
     assert not isinstance(task, TextTask)
-    _generate_split(config, task, "train", config.num_train_examples, None, scratch, say)
-    train_hashes = pq.read_table(scratch / "train", columns=["row_hash"])["row_hash"].to_numpy()
-    test_rows = _generate_split(
-        config, task.test_task(), "test", config.num_test_examples, train_hashes, scratch, say
+    splits = {
+        "train": (task, plan_chunks(task, config.num_train_examples)),
+        "test": (task.test_task(), plan_chunks(task.test_task(), config.num_test_examples)),
+    }
+    items = [
+        {"split": split, "chunk": chunk}
+        for split, (_, chunks) in splits.items()
+        for chunk in range(len(chunks))
+    ]
+    for split in splits:
+        (scratch / split).mkdir(parents=True)
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _write_chunk,
+        batch_size=1,
+        num_cpus=_TASK_CPUS,
+        concurrency=min(len(items), config.blocks or _cluster_cpus()),
+        fn_kwargs={
+            "tasks": {split: spec.model_dump(mode="json") for split, (spec, _) in splits.items()},
+            "chunks": {split: chunks for split, (_, chunks) in splits.items()},
+            "seed": config.seed,
+            "folder": str(scratch),
+        },
     )
-    return config.num_test_examples - test_rows
+    totals = {"train": config.num_train_examples, "test": config.num_test_examples}
+    _follow(dataset, totals, say)
+    return _drop_repeats(scratch)
 
 
 def plan_chunks(task: SyntheticTask, num_examples: int) -> list[tuple[int, ...]]:
@@ -235,91 +258,70 @@ def plan_chunks(task: SyntheticTask, num_examples: int) -> list[tuple[int, ...]]
     return [tuple(column[chunk] for column in spread) for chunk in range(chunks)]
 
 
-def _generate_split(
-    config: DataConfig,
-    task: SyntheticTask,
-    split: str,
-    num_examples: int,
-    exclude: np.ndarray | None,
-    scratch: Path,
-    say: Progress,
-) -> int:
-    """One `map_batches` task per chunk, `config.blocks` (None: one per CPU of the cluster) at a
-    time; returns the rows kept."""
-    chunks = plan_chunks(task, num_examples)
-    folder = scratch / split
-    folder.mkdir(parents=True)
-    dataset = ray.data.range(len(chunks), override_num_blocks=len(chunks)).map_batches(
-        _write_chunk,
-        batch_size=1,
-        num_cpus=_TASK_CPUS,
-        concurrency=min(len(chunks), config.blocks or _cluster_cpus()),
-        fn_kwargs={
-            "task": task.model_dump(mode="json"),
-            "seed": config.seed,
-            "split": _SPLITS[split],
-            "chunks": chunks,
-            "folder": str(folder),
-            "exclude": exclude,
-        },
-    )
-    return _follow(dataset, split, num_examples, say)
-
-
 def _write_chunk(
     batch: Batch,
     *,
-    task: dict[str, object],
+    tasks: dict[str, dict[str, object]],
+    chunks: dict[str, list[tuple[int, ...]]],
     seed: int,
-    split: int,
-    chunks: list[tuple[int, ...]],
     folder: str,
-    exclude: np.ndarray | None,
 ) -> Batch:
-    """One Ray task: one chunk generated, hashed, filtered and written as one Parquet file;
-    returns (rows made, rows kept, bytes). The task config crosses as a dict and is validated
-    again here."""
-    chunk = int(batch["id"][0])
-    config = _TASK_ADAPTER.validate_python(task)
+    """One Ray task: one chunk of one split generated, hashed and written as one Parquet file;
+    returns its split, rows and bytes. The task config crosses as a dict and is validated again
+    here."""
+    split, chunk = str(batch["split"][0]), int(batch["chunk"][0])
+    config = _TASK_ADAPTER.validate_python(tasks[split])
     assert not isinstance(config, TextTask)
-    rng = np.random.default_rng(block_seed(seed, split, chunk))
+    rng = np.random.default_rng(block_seed(seed, _SPLITS[split], chunk))
     pieces, parts = [], []
-    for index, (part, count) in enumerate(zip(config.part_list(), chunks[chunk], strict=True)):
+    for index, (part, count) in enumerate(
+        zip(config.part_list(), chunks[split][chunk], strict=True)
+    ):
         if count:
-            pieces.append(_hashed(generate_part(config, part, count, rng), exclude))
+            rows = generate_part(config, part, count, rng)
+            rows["row_hash"] = row_hashes(rows)
+            pieces.append(rows)
             parts.append(index)
     table = to_table(pieces, parts, token_dtype(config.vocab_size))
-    path = Path(folder) / f"{chunk:05d}.parquet"
+    path = Path(folder) / split / f"{chunk:05d}.parquet"
     pq.write_table(table, path, **PARQUET_OPTIONS)
-    return _stats(sum(chunks[chunk]), table.num_rows, path)
+    return _stats(split, table.num_rows, path)
 
 
-def _hashed(rows: Batch, exclude: np.ndarray | None) -> Batch:
-    rows["row_hash"] = row_hashes(rows)
-    if exclude is None:
-        return rows
-    keep = ~np.isin(rows["row_hash"], exclude)
-    return {name: column[keep] for name, column in rows.items()}
+def _drop_repeats(scratch: Path) -> int:
+    """Rewrite the test files without rows whose hash occurs in train; returns rows dropped.
+
+    In the driver: it needs all of train's hashes (one int64 column) and touches only the small
+    test split, and only files that hold a repeat (never, but for tiny vocabularies)."""
+    seen = pq.read_table(scratch / "train", columns=["row_hash"])["row_hash"].to_numpy()
+    dropped = 0
+    for path in sorted((scratch / "test").glob("*.parquet")):
+        table = pq.read_table(path)
+        repeats = np.isin(table["row_hash"].to_numpy(), seen)
+        if repeats.any():
+            dropped += int(repeats.sum())
+            pq.write_table(table.filter(pa.array(~repeats)), path, **PARQUET_OPTIONS)
+    return dropped
 
 
-def _stats(made: int, kept: int, path: Path) -> Batch:
+def _stats(split: str, rows: int, path: Path) -> Batch:
     return {
-        "made": np.array([made]),
-        "kept": np.array([kept]),
+        "split": np.array([split]),
+        "rows": np.array([rows]),
         "bytes": np.array([path.stat().st_size]),
     }
 
 
-def _follow(dataset: ray.data.Dataset, split: str, total: int, say: Progress) -> int:
-    """Run the writing tasks, reporting rows written and examples/s as chunks finish."""
+def _follow(dataset: ray.data.Dataset, totals: dict[str, int], say: Progress) -> None:
+    """Run the writing tasks, reporting rows written per split and examples/s as chunks finish."""
     started = time.perf_counter()
-    made = kept = 0
-    say(f"{split}: generating {total:,} examples")
+    written = dict.fromkeys(totals, 0)
+    say(", ".join(f"{split}: generating {total:,} examples" for split, total in totals.items()))
     for stats in dataset.iter_rows():
-        made, kept = made + int(stats["made"]), kept + int(stats["kept"])
-        rate = made / max(time.perf_counter() - started, 1e-9)
-        say(f"{split}: {made:,}/{total:,} examples, {kept:,} rows written ({rate:,.0f} examples/s)")
-    return kept
+        written[stats["split"]] += int(stats["rows"])
+        rate = sum(written.values()) / max(time.perf_counter() - started, 1e-9)
+        done = ", ".join(f"{split} {written[split]:,}/{totals[split]:,}" for split in totals)
+        say(f"rows written: {done} ({rate:,.0f} examples/s)")
 
 
 def _cluster_cpus() -> int:
@@ -332,30 +334,33 @@ def _cluster_cpus() -> int:
 def _write_text(config: DataConfig, corpus: Corpus, scratch: Path, say: Progress) -> None:
     task = config.task
     assert isinstance(task, TextTask)
+    items, totals = [], {}
     for split, stream in (("train", corpus.train), ("test", corpus.validation)):
-        rows = (len(stream) - 1) // task.stream_len
-        pieces = block_slices(stream, task.stream_len, -(-rows * task.stream_len // CHUNK_TOKENS))
-        items = [
-            {"chunk": index, "first_row": first, "piece": piece}
+        totals[split] = (len(stream) - 1) // task.stream_len
+        chunks = -(-totals[split] * task.stream_len // CHUNK_TOKENS)
+        pieces = block_slices(stream, task.stream_len, chunks)
+        items += [
+            {"split": split, "chunk": index, "first_row": first, "piece": piece}
             for index, (first, piece) in enumerate(pieces)
         ]
-        folder = scratch / split
-        folder.mkdir(parents=True)
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _text_block,
-            batch_size=1,
-            num_cpus=_TASK_CPUS,
-            fn_kwargs={"stream_len": task.stream_len, "folder": str(folder)},
-        )
-        _follow(dataset, split, rows, say)
+        (scratch / split).mkdir(parents=True)
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _text_block,
+        batch_size=1,
+        num_cpus=_TASK_CPUS,
+        concurrency=min(len(items), config.blocks or _cluster_cpus()),
+        fn_kwargs={"stream_len": task.stream_len, "folder": str(scratch)},
+    )
+    _follow(dataset, totals, say)
 
 
 def _text_block(batch: Batch, *, stream_len: int, folder: str) -> Batch:
+    split = str(batch["split"][0])
     rows = stream_rows(bytes(batch["piece"][0]), stream_len, int(batch["first_row"][0]))
     table = to_table([rows], [0], token_dtype(TextTask().vocab_size))
-    path = Path(folder) / f"{int(batch['chunk'][0]):05d}.parquet"
+    path = Path(folder) / split / f"{int(batch['chunk'][0]):05d}.parquet"
     pq.write_table(table, path, **PARQUET_OPTIONS)
-    return _stats(table.num_rows, table.num_rows, path)
+    return _stats(split, table.num_rows, path)
 
 
 def _split_stats(path: Path) -> tuple[int, int]:

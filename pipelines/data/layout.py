@@ -84,6 +84,8 @@ def part_runs(block: pa.Table | pa.RecordBatch) -> Iterator[tuple[int, Batch]]:
     views of the Arrow buffers (no copy), the others `[n]`."""
     for batch in block.to_batches() if isinstance(block, pa.Table) else [block]:
         part = batch.column(PART).to_numpy()
+        if not len(part):
+            continue
         starts = np.concatenate([[0], np.flatnonzero(np.diff(part)) + 1])
         ends = np.append(starts[1:], len(part))
         for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
