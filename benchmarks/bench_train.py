@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import statistics
 import sys
@@ -45,10 +46,11 @@ from bench_common import format_table, log, machine_info, parse_with_quick, writ
 from mlflow.tracking import MlflowClient
 
 from memory_models.registry import REGISTRY
+from pipelines.data.batches import shard_batches
 from pipelines.data.build import PreparedData, build_datasets
 from pipelines.experiment import ExperimentConfig, apply_overrides
 from pipelines.recipes import mqar_small
-from pipelines.train.loop import TrainingModule, lr_schedule, train_batch
+from pipelines.train.loop import TrainingModule, lr_schedule, to_device, train_batch
 
 QUICK = {"steps": 10, "repeats": 1, "d_model": 32, "log_every": 5}
 PARITY, RELEASE_GATE = 1.025, 1.15
@@ -151,12 +153,12 @@ def time_plain(config: ExperimentConfig, data: PreparedData) -> Timing:
 
 
 def _in_memory_batches(config: ExperimentConfig, data: PreparedData) -> list[dict]:
-    rows = data.train.take_batch(data.metadata.train_rows, batch_format="numpy")
-    size, steps = config.train.batch_size, config.train.max_steps_per_epoch or 0
-    return [
-        {name: torch.tensor(column[i * size : (i + 1) * size]) for name, column in rows.items()}
-        for i in range(steps)
-    ]
+    """The batches the 1-worker side reads (one part each), widened as `to_device` does."""
+    steps = config.train.max_steps_per_epoch or 0
+    batches = shard_batches(
+        data.train.iterator(), config.train.batch_size, seed=config.train.seed, drop_last=True
+    )
+    return [to_device(batch, torch.device("cpu")) for batch in itertools.islice(batches, steps)]
 
 
 def _segments_per_row(config: ExperimentConfig) -> int:

@@ -99,7 +99,10 @@ def zoo(
 def prep(
     task: Annotated[
         str | None,
-        typer.Option(help="Task kind: mqar, forgetting_mqar, copy, selective_copy or text."),
+        typer.Option(
+            help="Task kind (mqar, forgetting_mqar, copy, selective_copy, text) or a data preset "
+            "(zoology-mqar, zoology-iclr24-64/-128/-256)."
+        ),
     ] = None,
     overrides: Annotated[
         list[str] | None,
@@ -141,6 +144,8 @@ def prep(
         f"({meta.dropped_test_rows:,} test rows dropped as repeats of training rows), "
         f"vocabulary {meta.vocab_size:,}, {meta.bytes:,} bytes on disk"
     )
+    if not prepared.cached:
+        console.print(f"generated {meta.examples_per_second:,.0f} examples/s")
 
 
 @app.command()

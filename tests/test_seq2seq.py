@@ -270,15 +270,20 @@ def test_encoder_decoder_attention_learns_seq2seq_recall():
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_the_parquet_cache_carries_the_context(ray_local, tmp_path):
+    from pipelines.data.batches import shard_batches
     from pipelines.data.build import build_datasets
+    from pipelines.train.loop import to_device
 
     config = DataConfig(
         task=REVERSE, cache_dir=tmp_path, num_train_examples=60, num_test_examples=20, blocks=2
     )
     data = build_datasets(config)
-    batch = next(iter(data.test.iter_torch_batches(batch_size=4)))
+    stored = next(shard_batches(data.test, 4, seed=0, drop_last=False))
+    batch = to_device(stored, torch.device("cpu"))
     assert batch["context"].shape == (4, 10) and batch["inputs"].shape == (4, 11)
-    assert str(batch["context"].dtype) == "torch.int64"
+    assert batch["context"].dtype == torch.int64 and stored["context"].dtype == torch.int8
+    expected = seq2seq_copy.generate_part(REVERSE.test_task(), 10, 1, np.random.default_rng(0))
+    assert set(expected) | {"row_hash"} == set(stored)
     assert build_datasets(config).cached
 
 

@@ -69,11 +69,12 @@ def test_metrics_count_what_they_say():
     for row, col, guess in [(0, 1, 3), (0, 3, 0), (1, 1, 5), (1, 3, 6)]:
         logits[row, col, guess] = 10.0
     accumulator = EvalAccumulator("mqar")
-    accumulator.add(logits, {"labels": labels, "num_kv_pairs": torch.tensor([4, 8])})
+    groups = {"seq_len": torch.tensor([64, 64]), "num_kv_pairs": torch.tensor([4, 8])}
+    accumulator.add(logits, {"labels": labels, **groups})
     result = accumulator.result()
     assert result["accuracy"] == 0.75
-    assert result["accuracy_num_kv_pairs_4"] == 0.5
-    assert result["accuracy_num_kv_pairs_8"] == 1.0
+    assert result["accuracy_seq_len_64_num_kv_pairs_4"] == 0.5
+    assert result["accuracy_seq_len_64_num_kv_pairs_8"] == 1.0
 
     copy = EvalAccumulator("copy", bit_width=3)
     # target vector 0b101 (token 3 + 5 = 8); guess 0b100 (token 7): one bit wrong

@@ -8,6 +8,8 @@ raises a `DataError` that names the parameter and the fix, before any Ray work s
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.data.errors import DataError
 
-# Zoology's figure-2 grid: (seq_len, num_kv_pairs) at vocabulary 8192.
+# Zoology's vocabulary for MQAR (every config under zoology/experiments/paper_configs/).
 ZOOLOGY_VOCAB = 8192
 
 
@@ -31,13 +33,23 @@ def _require(ok: bool, message: str) -> None:
 
 
 class RecallPart(Strict):
-    """One length bucket of an associative-recall mixture: rows of `seq_len` with `num_kv_pairs`."""
+    """One part of an associative-recall mixture: rows of `seq_len` with `num_kv_pairs`.
+
+    `weight` is the part's share of the split's rows (relative to the other parts' weights), so
+    Zoology's per-config example counts are weights and survive a smaller total unchanged in
+    proportion. Each part is kept at its own length: batches hold rows of one part.
+    """
 
     seq_len: int
     num_kv_pairs: int
+    weight: int = 1
 
 
-ZOOLOGY_GRID = (
+# The three (seq_len, num_kv_pairs) settings of Zoology's ICLR'24 figure 2
+# (zoology/experiments/paper_configs/iclr24_zoology_figure2/configs.py). Zoology trains one model
+# per setting; memlab's default MQAR task mixes them in equal shares. `presets.py` holds Zoology's
+# protocols as Zoology runs them.
+ICLR24_FIGURE2_SETTINGS = (
     RecallPart(seq_len=64, num_kv_pairs=4),
     RecallPart(seq_len=128, num_kv_pairs=8),
     RecallPart(seq_len=256, num_kv_pairs=16),
@@ -54,13 +66,22 @@ class MQARTask(Strict):
     vocab_size: int = ZOOLOGY_VOCAB
     power_a: float = 0.01
     random_non_queries: bool = True
-    parts: tuple[RecallPart, ...] = ZOOLOGY_GRID
+    parts: tuple[RecallPart, ...] = ICLR24_FIGURE2_SETTINGS
     test_parts: tuple[RecallPart, ...] | None = None
 
     @property
     def row_width(self) -> int:
-        """Tokens per row: the longest part; shorter parts are padded to it."""
+        """Tokens in the longest row (the prepared data keeps each part at its own length)."""
         return max(part.seq_len for part in self.parts)
+
+    def part_list(self) -> tuple[RecallPart, ...]:
+        return self.parts
+
+    def part_weights(self) -> tuple[int, ...]:
+        return tuple(part.weight for part in self.parts)
+
+    def part_seq_len(self, part: RecallPart) -> int:
+        return part.seq_len
 
     def context_pairs(self, part: RecallPart) -> int:
         """Key-value slots written before the queries start."""
@@ -75,6 +96,7 @@ class MQARTask(Strict):
 
     def _check_part(self, name: str, part: RecallPart) -> None:
         where = f"task.{name} entry (seq_len={part.seq_len}, num_kv_pairs={part.num_kv_pairs})"
+        _require(part.weight >= 1, f"{where}: weight={part.weight} must be >= 1")
         _require(part.num_kv_pairs >= 1, f"{where}: num_kv_pairs must be >= 1")
         _require(part.seq_len % 2 == 0, f"{where}: seq_len must be even (Zoology's constraint)")
         need = 2 * self.context_pairs(part) + 2 * part.num_kv_pairs
@@ -130,8 +152,17 @@ class CopyTask(Strict):
 
     @property
     def row_width(self) -> int:
-        """Tokens per row: twice the longest length (vectors, then answers); shorter padded."""
+        """Tokens in the longest row: twice the longest length (vectors, then answers)."""
         return 2 * max(self.lengths)
+
+    def part_list(self) -> tuple[int, ...]:
+        return self.lengths
+
+    def part_weights(self) -> tuple[int, ...]:
+        return (1,) * len(self.lengths)
+
+    def part_seq_len(self, part: int) -> int:
+        return 2 * part
 
     def check(self) -> None:
         _require(1 <= self.width <= 16, f"task.width={self.width} must be in [1, 16] bits")
@@ -165,8 +196,17 @@ class SelectiveCopyTask(Strict):
 
     @property
     def row_width(self) -> int:
-        """Tokens per row: the longest part; shorter parts are padded to it."""
+        """Tokens in the longest row (the prepared data keeps each part at its own length)."""
         return max(part.seq_len for part in self.parts)
+
+    def part_list(self) -> tuple[SelectivePart, ...]:
+        return self.parts
+
+    def part_weights(self) -> tuple[int, ...]:
+        return (1,) * len(self.parts)
+
+    def part_seq_len(self, part: SelectivePart) -> int:
+        return part.seq_len
 
     def check(self) -> None:
         _require(
@@ -246,6 +286,16 @@ class Seq2SeqMQARTask(Strict):
     def context_width(self) -> int:
         return 2 * max(self.num_kv_pairs)
 
+    def part_list(self) -> tuple[int, ...]:
+        return self.num_kv_pairs
+
+    def part_weights(self) -> tuple[int, ...]:
+        return (1,) * len(self.num_kv_pairs)
+
+    def part_seq_len(self, part: int) -> int:
+        """Tokens a row of `part` pairs stores: its context and its decoder row, 2k each."""
+        return 4 * part
+
     def check(self) -> None:
         for name in ("num_kv_pairs", "test_num_kv_pairs"):
             counts = getattr(self, name) or self.num_kv_pairs
@@ -288,6 +338,16 @@ class Seq2SeqCopyTask(Strict):
     @property
     def context_width(self) -> int:
         return max(self.lengths)
+
+    def part_list(self) -> tuple[int, ...]:
+        return self.lengths
+
+    def part_weights(self) -> tuple[int, ...]:
+        return (1,) * len(self.lengths)
+
+    def part_seq_len(self, part: int) -> int:
+        """Tokens a row of length L stores: L in the context, L + 1 in the decoder row."""
+        return 2 * part + 1
 
     def check(self) -> None:
         _require(
@@ -344,6 +404,16 @@ class Seq2SeqRecallTask(Strict):
     def context_width(self) -> int:
         return max(part.context_len for part in self.parts)
 
+    def part_list(self) -> tuple[LongRecallPart, ...]:
+        return self.parts
+
+    def part_weights(self) -> tuple[int, ...]:
+        return (1,) * len(self.parts)
+
+    def part_seq_len(self, part: LongRecallPart) -> int:
+        """Tokens a row stores: its context and a query and answer per question."""
+        return part.context_len + 2 * part.num_queries
+
     def check(self) -> None:
         for name, parts in (("parts", self.parts), ("test_parts", self.test_parts or self.parts)):
             _require(len(parts) > 0, f"task.{name} is empty: give at least one part")
@@ -384,10 +454,13 @@ SyntheticTask = MQARTask | ForgettingMQARTask | CopyTask | SelectiveCopyTask | S
 
 
 class DataConfig(Strict):
-    """Everything that decides the prepared data; its JSON (less `cache_dir`) keys the cache.
+    """Everything that decides the prepared data; its JSON (less `cache_dir` and `blocks`) keys
+    the cache.
 
-    `num_train_examples`/`num_test_examples` size the synthetic tasks; a text corpus is sized by
-    `task.max_bytes`. `blocks` is the number of parallel generation tasks, each with its own seed.
+    `num_train_examples`/`num_test_examples` size the synthetic tasks (split over the task's parts
+    by their weights); a text corpus is sized by `task.max_bytes`. `blocks` caps the generation
+    tasks running at once (None: one per CPU of the Ray cluster); it does not change the data,
+    which is drawn in fixed chunks with a seed each.
     """
 
     task: TaskConfig = Field(default_factory=MQARTask)
@@ -395,11 +468,13 @@ class DataConfig(Strict):
     num_train_examples: int = 100_000
     num_test_examples: int = 3_000
     seed: int = 0
-    blocks: int = 8
+    blocks: int | None = None
 
     def check(self) -> None:
         _require(self.seed >= 0, f"seed={self.seed} must be >= 0")
-        _require(self.blocks >= 1, f"blocks={self.blocks} must be >= 1")
+        _require(
+            self.blocks is None or self.blocks >= 1, f"blocks={self.blocks} must be >= 1 or None"
+        )
         for name in ("num_train_examples", "num_test_examples"):
             count = getattr(self, name)
             _require(count >= 1, f"{name}={count} must be >= 1")
@@ -416,15 +491,77 @@ def parse_data_config(raw: dict[str, Any]) -> DataConfig:
     return config
 
 
+# Zoology's MQAR protocols as named data presets, read from Zoology's own configs (the training
+# settings that go with them are in `presets.py`):
+# - `zoology-mqar`: the MQAR data of zoology/experiments/paper_configs/arxiv24_based_figure2/
+#   configs.py (the same data as zoology/experiments/mqar_example_configs/original_mqar_configs.py,
+#   which draws the MQAR plot of Zoology's README): a training mixture of five (seq_len,
+#   num_kv_pairs) configurations with their own example counts (`train_configs`), and seven
+#   separate test configurations with more pairs and longer sequences (`test_configs`, up to
+#   1,024 tokens and 256 pairs, 1,000 examples each); vocabulary 8,192 and `MQARConfig`'s
+#   defaults (power_a=0.01, random_non_queries=True).
+# - `zoology-iclr24-64` / `-128` / `-256`: Zoology's ICLR'24 figure 2
+#   (zoology/experiments/paper_configs/iclr24_zoology_figure2/configs.py), one model per setting,
+#   100,000 train and 3,000 test rows of that setting, random_non_queries=False.
+ZOOLOGY_MQAR_TRAIN = (
+    RecallPart(seq_len=64, num_kv_pairs=4, weight=100_000),
+    RecallPart(seq_len=128, num_kv_pairs=8, weight=20_000),
+    RecallPart(seq_len=256, num_kv_pairs=16, weight=20_000),
+    RecallPart(seq_len=256, num_kv_pairs=32, weight=20_000),
+    RecallPart(seq_len=256, num_kv_pairs=64, weight=20_000),
+)
+ZOOLOGY_MQAR_TEST = (
+    RecallPart(seq_len=64, num_kv_pairs=4, weight=1_000),
+    RecallPart(seq_len=64, num_kv_pairs=8, weight=1_000),
+    RecallPart(seq_len=64, num_kv_pairs=16, weight=1_000),
+    RecallPart(seq_len=128, num_kv_pairs=32, weight=1_000),
+    RecallPart(seq_len=256, num_kv_pairs=64, weight=1_000),
+    RecallPart(seq_len=512, num_kv_pairs=128, weight=1_000),
+    RecallPart(seq_len=1024, num_kv_pairs=256, weight=1_000),
+)
+
+
+def zoology_mqar() -> DataConfig:
+    """Zoology's MQAR mixture: 180,000 training rows in five parts, 7,000 test rows in seven."""
+    task = MQARTask(
+        vocab_size=ZOOLOGY_VOCAB, parts=ZOOLOGY_MQAR_TRAIN, test_parts=ZOOLOGY_MQAR_TEST
+    )
+    return DataConfig(
+        task=task,
+        num_train_examples=sum(part.weight for part in ZOOLOGY_MQAR_TRAIN),
+        num_test_examples=sum(part.weight for part in ZOOLOGY_MQAR_TEST),
+    )
+
+
+def zoology_iclr24(seq_len: int) -> DataConfig:
+    """One setting of Zoology's ICLR'24 figure 2: train and test on that (seq_len, pairs)."""
+    settings = {part.seq_len: part for part in ICLR24_FIGURE2_SETTINGS}
+    _require(seq_len in settings, f"seq_len={seq_len} is not a figure-2 setting: {[*settings]}")
+    task = MQARTask(vocab_size=ZOOLOGY_VOCAB, random_non_queries=False, parts=(settings[seq_len],))
+    return DataConfig(task=task, num_train_examples=100_000, num_test_examples=3_000)
+
+
+PRESETS: dict[str, Callable[[], DataConfig]] = {
+    "zoology-mqar": zoology_mqar,
+    "zoology-iclr24-64": partial(zoology_iclr24, 64),
+    "zoology-iclr24-128": partial(zoology_iclr24, 128),
+    "zoology-iclr24-256": partial(zoology_iclr24, 256),
+}
+
+
 def config_from_overrides(
     kind: str | None = None, overrides: list[str] | None = None, cache_dir: Path | None = None
 ) -> DataConfig:
     """A checked DataConfig from `key=value` strings with dotted paths (`task.vocab_size=64`).
 
     Values are read as JSON when they parse (numbers, lists, objects), else as plain strings.
-    The task kind defaults to MQAR, as in `DataConfig()`.
+    `kind` is a task kind or a preset name (`PRESETS`, e.g. `zoology-mqar`), whose whole data
+    config the overrides then change; it defaults to MQAR, as in `DataConfig()`.
     """
-    raw: dict[str, Any] = {"task": {"kind": kind or MQARTask().kind}}
+    if kind in PRESETS:
+        raw: dict[str, Any] = PRESETS[kind]().model_dump(mode="json", exclude={"cache_dir"})
+    else:
+        raw = {"task": {"kind": kind or MQARTask().kind}}
     if cache_dir is not None:
         raw["cache_dir"] = str(cache_dir)
     for item in overrides or []:

@@ -69,7 +69,9 @@ def train(
             callbacks=callbacks,
         ),
         datasets=data.datasets(),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # Not split: every rank reads the whole train set and keeps its slice of each global
+        # batch, so all ranks train on the same length at each step (`shard_batches`).
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     client = client_for(config.tracking.resolved_uri())
     try:

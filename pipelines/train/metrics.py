@@ -1,9 +1,11 @@
 """Task metrics accumulated over evaluation batches.
 
 - every task: loss (mean cross-entropy over scored tokens) and token accuracy;
-- associative recall: accuracy per number of key-value pairs (Zoology reports recall this way);
-- copy: bits wrong per sequence (the NTM paper's measure) and accuracy per copy length;
-- selective copy: accuracy per number of tokens to remember;
+- associative recall: accuracy per test configuration, `accuracy_seq_len_{T}_num_kv_pairs_{k}`
+  (Zoology reports recall per configuration; two configurations may share a pair count);
+- copy: bits wrong per sequence (the NTM paper's measure) and accuracy per copy length,
+  `accuracy_length_{L}`;
+- selective copy: accuracy per configuration, `accuracy_seq_len_{T}_num_tokens_{m}`;
 - text: bits per byte (byte tokens, so the loss in bits is bits per byte);
 - sequence to sequence: MQAR per number of pairs, long-context recall per context length, copy
   and reverse per length plus `sequence_accuracy` (rows with every scored token right).
@@ -20,16 +22,17 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 
-# Which metadata column splits accuracy into groups, per task kind.
-GROUP_COLUMN = {
-    "mqar": "num_kv_pairs",
-    "forgetting_mqar": "num_kv_pairs",
-    "copy": "length",
-    "selective_copy": "num_tokens",
-    "seq2seq_mqar": "num_kv_pairs",
-    "seq2seq_recall": "context_len",
-    "seq2seq_copy": "length",
-    "seq2seq_reverse": "length",
+# Which metadata columns name a test configuration, per task kind; the metric name is
+# `accuracy_` followed by `{column}_{value}` for each, joined by `_`.
+GROUP_COLUMNS = {
+    "mqar": ("seq_len", "num_kv_pairs"),
+    "forgetting_mqar": ("seq_len", "num_kv_pairs"),
+    "copy": ("length",),
+    "selective_copy": ("seq_len", "num_tokens"),
+    "seq2seq_mqar": ("num_kv_pairs",),
+    "seq2seq_recall": ("context_len",),
+    "seq2seq_copy": ("length",),
+    "seq2seq_reverse": ("length",),
 }
 # Tasks whose output is only useful whole: a copy with one wrong symbol is a wrong copy.
 SEQUENCE_ACCURACY_KINDS = frozenset({"seq2seq_copy", "seq2seq_reverse"})
@@ -48,8 +51,8 @@ class EvalAccumulator:
         self.sequences = 0
         self.bits_wrong = 0
         self.rows_right = 0
-        self.group_correct: dict[int, int] = defaultdict(int)
-        self.group_scored: dict[int, int] = defaultdict(int)
+        self.group_correct: dict[tuple[int, ...], int] = defaultdict(int)
+        self.group_scored: dict[tuple[int, ...], int] = defaultdict(int)
 
     def add(self, logits: Tensor, batch: Mapping[str, Tensor]) -> None:
         labels = batch["labels"]  # [B, T]
@@ -70,14 +73,14 @@ class EvalAccumulator:
         self._add_groups(batch, hits, scored)
 
     def _add_groups(self, batch: Mapping[str, Tensor], hits: Tensor, scored: Tensor) -> None:
-        column = GROUP_COLUMN.get(self.task_kind)
-        if column is None or column not in batch:
+        columns = GROUP_COLUMNS.get(self.task_kind, ())
+        if not columns or not all(column in batch for column in columns):
             return
-        groups = batch[column]
-        for value in groups.unique().tolist():
-            rows = groups == value
-            self.group_correct[value] += int(hits[rows].sum())
-            self.group_scored[value] += int(scored[rows].sum())
+        keys = torch.stack([batch[column].long() for column in columns], dim=1)  # [B, groups]
+        for key in keys.unique(dim=0).tolist():
+            rows = (keys == keys.new_tensor(key)).all(dim=1)
+            self.group_correct[tuple(key)] += int(hits[rows].sum())
+            self.group_scored[tuple(key)] += int(scored[rows].sum())
 
     def result(self) -> dict[str, float]:
         loss = self.loss_sum / max(self.scored, 1)
@@ -88,11 +91,10 @@ class EvalAccumulator:
             out["bits_wrong_per_sequence"] = self.bits_wrong / max(self.sequences, 1)
         if self.task_kind in SEQUENCE_ACCURACY_KINDS:
             out["sequence_accuracy"] = self.rows_right / max(self.sequences, 1)
-        column = GROUP_COLUMN.get(self.task_kind)
-        for value in sorted(self.group_scored):
-            out[f"accuracy_{column}_{value}"] = self.group_correct[value] / max(
-                self.group_scored[value], 1
-            )
+        columns = GROUP_COLUMNS.get(self.task_kind, ())
+        for key in sorted(self.group_scored):
+            name = "_".join(f"{column}_{value}" for column, value in zip(columns, key, strict=True))
+            out[f"accuracy_{name}"] = self.group_correct[key] / max(self.group_scored[key], 1)
         return out
 
 

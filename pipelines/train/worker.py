@@ -17,6 +17,8 @@ import ray.train.torch
 import torch
 
 from pipelines.checkpoint import Position, restore_training, save_checkpoint
+from pipelines.data import DataError
+from pipelines.data.batches import batches_per_epoch, shard_batches
 from pipelines.experiment import ExperimentConfig
 from pipelines.train.loop import (
     StepResult,
@@ -60,8 +62,13 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     test_shard = ray.train.get_dataset_shard("test")
     for epoch in range(position.epoch, config.train.epochs):
         position.epoch = epoch
-        batches = train_shard.iter_torch_batches(
-            batch_size=config.train.batch_size, drop_last=True, local_shuffle_seed=epoch
+        batches = shard_batches(
+            train_shard,
+            config.train.batch_size,
+            seed=config.train.seed + epoch,
+            drop_last=True,
+            world=world,
+            rank=rank,
         )
         clock = time.perf_counter()
         for batch in limited(batches, steps_per_epoch, skip=position.batches_done):
@@ -121,7 +128,14 @@ def _maybe_inject_fault(config: ExperimentConfig, position: Position) -> None:
 
 
 def _steps_per_epoch(config: ExperimentConfig, train_rows: int, world: int) -> int:
-    full = max(1, train_rows // (world * config.train.batch_size))
+    """The global batches of one part each that every rank takes (`batches_per_epoch`)."""
+    full = batches_per_epoch(config.data.task, train_rows, config.train.batch_size, world)
+    if full < 1:
+        raise DataError(
+            f"{train_rows:,} training rows do not fill one batch of {config.train.batch_size} "
+            f"rows of one part on each of {world} worker(s): raise data.num_train_examples or "
+            "lower train.batch_size"
+        )
     cap = config.train.max_steps_per_epoch
     return min(full, cap) if cap else full
 
@@ -161,10 +175,8 @@ def _mid_epoch_checkpoint_due(config: ExperimentConfig, position: Position, step
 def _evaluate(rank, model, test_shard, config, device, autocast) -> dict[str, float]:
     if rank != 0:
         return {}
-    batches = limited(
-        (to_device(b, device) for b in test_shard.iter_torch_batches(batch_size=64)),
-        config.train.max_eval_batches,
-    )
+    rows = shard_batches(test_shard, 64, seed=0, drop_last=False)
+    batches = limited((to_device(b, device) for b in rows), config.train.max_eval_batches)
     task = config.data.task
     metrics = evaluate(
         model,

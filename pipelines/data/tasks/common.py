@@ -2,11 +2,18 @@
 
 Every function draws a whole batch at once from a `numpy.random.Generator`; none loops over
 examples, which is what makes generation fast enough to skip a download.
+
+Exactness: a seed gives the same bytes on every CPU. Nothing here depends on an order that numpy
+leaves unspecified (`argpartition`'s output order, an unstable sort's order among ties), and the
+only floating-point values compared are products of numpy's Generator stream with weights
+computed once in Python, so numpy's SIMD dispatch (`NPY_DISABLE_CPU_FEATURES`) changes nothing.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
 from typing import TypeVar
 
 import numpy as np
@@ -48,10 +55,13 @@ def _has_duplicates(rows: np.ndarray) -> np.ndarray:
 
 
 def _sorted_prefix(rng: np.random.Generator, n: int, size: int, k: int) -> np.ndarray:
-    """First k of a random permutation of range(size) per row, in chunks to bound memory."""
+    """First k of a random permutation of range(size) per row, in chunks to bound memory.
+
+    A stable sort: should two random keys tie, the lower index comes first on every CPU.
+    """
     rows_per_chunk = max(1, _SORT_CHUNK_ELEMENTS // size)
     chunks = [
-        np.argsort(rng.random((min(rows_per_chunk, n - start), size)), axis=1)[:, :k]
+        np.argsort(rng.random((min(rows_per_chunk, n - start), size)), axis=1, stable=True)[:, :k]
         for start in range(0, n, rows_per_chunk)
     ]
     return np.concatenate(chunks, axis=0) if chunks else np.empty((0, k), dtype=np.int64)
@@ -60,14 +70,45 @@ def _sorted_prefix(rng: np.random.Generator, n: int, size: int, k: int) -> np.nd
 def power_law_choice(
     rng: np.random.Generator, space: int, n: int, k: int, power_a: float
 ) -> np.ndarray:
-    """`[n, k]` distinct positions in [0, space), drawn without replacement with weights
-    p(i) ~ (i + 1) ** (power_a - 1): Zoology's query gaps, so near gaps are favoured.
+    """`[n, k]` distinct positions in [0, space): column j is the j-th draw of sequential
+    sampling without replacement with weights p(i) ~ (i + 1) ** (power_a - 1).
 
-    Gumbel top-k gives the same law as sequential weighted sampling without replacement.
+    This is the law of Zoology's query gaps (`zoology/data/multiquery_ar.py`: `np.random.choice`
+    over `arange(space)` with `replace=False`, whose j-th output goes to the j-th key), so the
+    first keys get the nearer queries on average.
+
+    Method (Gumbel-top-k as an exponential race): give position i the key E_i = X_i / p(i) with
+    X_i ~ Exp(1) i.i.d., so E_i ~ Exp(rate p(i)); equivalently the Gumbel score
+    log p(i) - log X_i, whose descending order is E's ascending order. Take the k smallest keys
+    in ascending order. Proof that this is sequential sampling: the minimum of independent
+    exponentials is E_i with probability p(i) / sum(p), and by memorylessness the others' excess
+    over it, E_l - min, are again independent Exp(p(l)), independent of which one won. So the
+    second smallest is l with probability p(l) / (sum(p) - p(i)), and so on by induction: exactly
+    the probabilities of drawing i, then l, ... one at a time without replacement.
+
+    Order and ties are explicit: keys are sorted by (key, position) with stable sorts, and a row
+    whose k-th and (k+1)-th keys tie (probability ~ 1e-16) is sorted whole, so the result never
+    depends on `argpartition`'s unspecified order.
     """
-    log_p = (power_a - 1) * np.log(np.arange(1, space + 1, dtype=np.float64))
-    scores = log_p + rng.gumbel(size=(n, space))
-    return np.argpartition(-scores, k - 1, axis=1)[:, :k].astype(np.int64)
+    keys = rng.standard_exponential((n, space)) * _inverse_weights(space, power_a)
+    rows = np.arange(n)[:, None]
+    chosen = np.argpartition(keys, k - 1, axis=1)[:, :k]
+    chosen.sort(axis=1)  # ascending position, so the stable sort below breaks ties by position
+    chosen = chosen[rows, np.argsort(keys[rows, chosen], axis=1, stable=True)]
+    tied = np.count_nonzero(keys <= keys[rows, chosen[:, -1:]], axis=1) != k
+    if tied.any():
+        chosen[tied] = np.argsort(keys[tied], axis=1, stable=True)[:, :k]
+    return chosen.astype(np.int64, copy=False)
+
+
+@lru_cache(maxsize=64)
+def _inverse_weights(space: int, power_a: float) -> np.ndarray:
+    """1 / p(i) up to a constant: (i + 1) ** (1 - power_a), in Python's `math.pow` (one call per
+    position) rather than numpy's vectorised power, whose result can vary with the SIMD path."""
+    exponent = 1.0 - power_a
+    weights = np.array([math.pow(i + 1, exponent) for i in range(space)], dtype=np.float64)
+    weights.setflags(write=False)
+    return weights
 
 
 def block_seed(seed: int, split: int, block: int) -> int:
@@ -82,21 +123,36 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [base + (index < extra) for index in range(parts)]
 
 
+def apportion(total: int, weights: Sequence[int]) -> list[int]:
+    """Counts proportional to integer `weights` that sum to `total` (largest remainder; equal
+    remainders go to the earlier part). Exact when `total` is the weights' sum."""
+    whole = sum(weights)
+    counts = [total * weight // whole for weight in weights]
+    remainders = [total * weight % whole for weight in weights]
+    short = total - sum(counts)
+    for index in sorted(range(len(weights)), key=lambda i: (-remainders[i], i))[:short]:
+        counts[index] += 1
+    return counts
+
+
 def mixture(
     parts: Sequence[Part],
+    weights: Sequence[int],
     num_examples: int,
     rng: np.random.Generator,
     make_part: Callable[[Part, int, np.random.Generator], Batch],
     width: int | Mapping[str, int],
 ) -> Batch:
-    """Generate every part of a length mixture, pad rows to `width`, and shuffle the rows.
+    """Generate every part of a length mixture (rows apportioned by `weights`), pad rows to
+    `width`, and shuffle the rows.
 
     `width` is one width for every `[N, T]` column, or a width per column name (a sequence-to-
     sequence task's `context` and decoder `inputs` differ). Padding: labels with `IGNORE` (-100),
     so padded positions are never scored, the others with `PAD` (0); a model sees trailing zeros
     after a short example, which carry no information.
+    The prepared Ray data sets are not padded: they keep each part at its own length.
     """
-    counts = split_evenly(num_examples, len(parts))
+    counts = apportion(num_examples, weights)
     pieces = [make_part(part, count, rng) for part, count in zip(parts, counts, strict=True)]
     widths = width if isinstance(width, Mapping) else {name: width for name in pieces[0]}
     batch = {

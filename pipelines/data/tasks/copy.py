@@ -25,14 +25,22 @@ FIRST_SYMBOL = 3
 
 
 def generate(config: CopyTask, num_examples: int, seed: int) -> Batch:
-    """`num_examples` rows spread evenly over `config.lengths`, padded to twice the longest."""
+    """`num_examples` rows spread evenly over `config.lengths`, padded to twice the longest and
+    shuffled; `generate_part` makes one length's rows at their own width."""
     config.check()
     check_count(num_examples)
     rng = np.random.default_rng(seed)
-    return mixture(config.lengths, num_examples, rng, partial(_part, config), config.row_width)
+    return mixture(
+        config.lengths,
+        config.part_weights(),
+        num_examples,
+        rng,
+        partial(generate_part, config),
+        config.row_width,
+    )
 
 
-def _part(config: CopyTask, length: int, n: int, rng: np.random.Generator) -> Batch:
+def generate_part(config: CopyTask, length: int, n: int, rng: np.random.Generator) -> Batch:
     symbols = FIRST_SYMBOL + rng.integers(0, 2**config.width, size=(n, length))
     inputs = np.full((n, 2 * length), BLANK, dtype=np.int64)
     inputs[:, :length] = symbols

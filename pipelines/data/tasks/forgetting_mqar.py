@@ -20,14 +20,24 @@ from pipelines.data.tasks.mqar import assemble, check_count, interleave
 
 
 def generate(config: ForgettingMQARTask, num_examples: int, seed: int) -> Batch:
-    """`num_examples` rows of the `config.parts` mixture, padded to the longest part."""
+    """`num_examples` rows of the `config.parts` mixture, padded to the longest part and
+    shuffled; `generate_part` makes one part's rows at their own length."""
     config.check()
     check_count(num_examples)
     rng = np.random.default_rng(seed)
-    return mixture(config.parts, num_examples, rng, partial(_part, config), config.row_width)
+    return mixture(
+        config.parts,
+        config.part_weights(),
+        num_examples,
+        rng,
+        partial(generate_part, config),
+        config.row_width,
+    )
 
 
-def _part(config: ForgettingMQARTask, part: RecallPart, n: int, rng: np.random.Generator) -> Batch:
+def generate_part(
+    config: ForgettingMQARTask, part: RecallPart, n: int, rng: np.random.Generator
+) -> Batch:
     vocab, k, u = config.vocab_size, part.num_kv_pairs, config.num_updates
     keys = distinct_choice(rng, 1, vocab // 2, n, k)
     values = distinct_choice(rng, vocab // 2, vocab, n, k)

@@ -2,12 +2,14 @@
 
 A row of length T: the context `k1 v1 k2 v2 ...` (keys from [1, V/2), values from [V/2, V), keys
 distinct), then a query region where each key appears once more, at an even offset drawn from a
-power law (`power_a`; near positions favoured). Targets are -100 except at each query key, where
-the target is that key's value: the model reads the key and must predict the value next. The
-non-query slots are 0, or random tokens from [0, V) with `random_non_queries` (Zoology's default).
+power law (`power_a`; near positions favoured): key j gets the j-th draw of sequential sampling
+without replacement, as in Zoology, so earlier keys are queried sooner on average. Targets are
+-100 except at each query key, where the target is that key's value: the model reads the key and
+must predict the value next. The non-query slots are 0, or random tokens from [0, V) with
+`random_non_queries` (Zoology's default).
 
-    inputs:  k1 v1 k2 v2 0  0  k2 0  0  0  k1 0      (random_non_queries=False)
-    labels:  -  -  -  -  -  -  v2 -  -  -  v1 -
+    inputs:  k1 v1 k2 v2 0  0  k1 0  0  0  k2 0      (random_non_queries=False)
+    labels:  -  -  -  -  -  -  v1 -  -  -  v2 -
 """
 
 from __future__ import annotations
@@ -22,11 +24,19 @@ from pipelines.data.tasks.common import IGNORE, Batch, distinct_choice, mixture,
 
 
 def generate(config: MQARTask, num_examples: int, seed: int) -> Batch:
-    """`num_examples` rows of the `config.parts` mixture, padded to the longest part."""
+    """`num_examples` rows of the `config.parts` mixture (shares by weight), padded to the
+    longest part and shuffled; `generate_part` makes one part's rows at their own length."""
     config.check()
     check_count(num_examples)
     rng = np.random.default_rng(seed)
-    return mixture(config.parts, num_examples, rng, partial(_part, config), config.row_width)
+    return mixture(
+        config.parts,
+        config.part_weights(),
+        num_examples,
+        rng,
+        partial(generate_part, config),
+        config.row_width,
+    )
 
 
 def check_count(num_examples: int) -> None:
@@ -34,7 +44,8 @@ def check_count(num_examples: int) -> None:
         raise DataError(f"num_examples={num_examples} must be >= 0")
 
 
-def _part(config: MQARTask, part: RecallPart, n: int, rng: np.random.Generator) -> Batch:
+def generate_part(config: MQARTask, part: RecallPart, n: int, rng: np.random.Generator) -> Batch:
+    """`n` rows of one part, `[n, part.seq_len]` int64, with their metadata columns."""
     vocab, k = config.vocab_size, part.num_kv_pairs
     keys = distinct_choice(rng, 1, vocab // 2, n, k)
     values = distinct_choice(rng, vocab // 2, vocab, n, k)

@@ -25,14 +25,22 @@ FIRST_DATA = 4
 
 
 def generate(config: SelectiveCopyTask, num_examples: int, seed: int) -> Batch:
-    """`num_examples` rows of the `config.parts` mixture, padded to the longest part."""
+    """`num_examples` rows of the `config.parts` mixture, padded to the longest part and
+    shuffled; `generate_part` makes one part's rows at their own length."""
     config.check()
     check_count(num_examples)
     rng = np.random.default_rng(seed)
-    return mixture(config.parts, num_examples, rng, partial(_part, config), config.row_width)
+    return mixture(
+        config.parts,
+        config.part_weights(),
+        num_examples,
+        rng,
+        partial(generate_part, config),
+        config.row_width,
+    )
 
 
-def _part(
+def generate_part(
     config: SelectiveCopyTask, part: SelectivePart, n: int, rng: np.random.Generator
 ) -> Batch:
     m, context = part.num_tokens, part.seq_len - part.num_tokens

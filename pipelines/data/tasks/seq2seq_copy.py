@@ -37,10 +37,12 @@ def generate(config: Seq2SeqCopyTask, num_examples: int, seed: int) -> Batch:
     rng = np.random.default_rng(seed)
     widths = {"context": config.context_width, "inputs": config.row_width}
     widths["labels"] = config.row_width
-    return mixture(config.lengths, num_examples, rng, partial(_part, config), widths)
+    return mixture(
+        config.lengths, config.part_weights(), num_examples, rng, partial(generate_part, config), widths
+    )
 
 
-def _part(config: Seq2SeqCopyTask, length: int, n: int, rng: np.random.Generator) -> Batch:
+def generate_part(config: Seq2SeqCopyTask, length: int, n: int, rng: np.random.Generator) -> Batch:
     symbols = rng.integers(FIRST_SYMBOL, config.vocab_size, size=(n, length))
     target = symbols[:, ::-1] if config.kind == "seq2seq_reverse" else symbols
     inputs = np.concatenate([np.full((n, 1), GO, dtype=np.int64), target], axis=1)

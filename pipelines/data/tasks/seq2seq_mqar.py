@@ -33,10 +33,12 @@ def generate(config: Seq2SeqMQARTask, num_examples: int, seed: int) -> Batch:
     rng = np.random.default_rng(seed)
     widths = {"context": config.context_width, "inputs": config.row_width}
     widths["labels"] = config.row_width
-    return mixture(config.num_kv_pairs, num_examples, rng, partial(_part, config), widths)
+    return mixture(
+        config.num_kv_pairs, config.part_weights(), num_examples, rng, partial(generate_part, config), widths
+    )
 
 
-def _part(config: Seq2SeqMQARTask, k: int, n: int, rng: np.random.Generator) -> Batch:
+def generate_part(config: Seq2SeqMQARTask, k: int, n: int, rng: np.random.Generator) -> Batch:
     vocab = config.vocab_size
     keys = distinct_choice(rng, 1, vocab // 2, n, k)
     values = distinct_choice(rng, vocab // 2, vocab, n, k)

@@ -37,10 +37,12 @@ def generate(config: Seq2SeqRecallTask, num_examples: int, seed: int) -> Batch:
     rng = np.random.default_rng(seed)
     widths = {"context": config.context_width, "inputs": config.row_width}
     widths["labels"] = config.row_width
-    return mixture(config.parts, num_examples, rng, partial(_part, config), widths)
+    return mixture(
+        config.parts, config.part_weights(), num_examples, rng, partial(generate_part, config), widths
+    )
 
 
-def _part(
+def generate_part(
     config: Seq2SeqRecallTask, part: LongRecallPart, n: int, rng: np.random.Generator
 ) -> Batch:
     vocab, k, q = config.vocab_size, part.num_kv_pairs, part.num_queries
