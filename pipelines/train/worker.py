@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,20 @@ import torch
 from pipelines.checkpoint import Position, restore_training, save_checkpoint
 from pipelines.experiment import ExperimentConfig
 from pipelines.train.loop import (
-    StepResult,
+    LogFn,
+    StepOptions,
     TrainingModule,
     evaluate,
     limited,
     lr_schedule,
     to_device,
-    train_batch,
+    train_steps,
 )
 from pipelines.train.tracking import MetricLogger
+
+# Batches Ray Data prepares ahead of the step that needs them: the next step's batch is ready
+# when the current one ends, even when one block is slower to fetch.
+PREFETCH_BATCHES = 2
 
 
 def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
@@ -58,26 +64,24 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
 
     train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test")
+    options = StepOptions(
+        segment_len=config.train.segment_len,
+        grad_clip=config.train.grad_clip,
+        autocast_dtype=autocast,
+        log_every=config.train.log_every_steps,
+    )
+    log = _step_logger(logger, world) if logger is not None else None
     for epoch in range(position.epoch, config.train.epochs):
         position.epoch = epoch
-        batches = train_shard.iter_torch_batches(
-            batch_size=config.train.batch_size, drop_last=True, local_shuffle_seed=epoch
+        batches = _epoch_batches(train_shard, config, device, position, steps_per_epoch)
+        clock = _LoopClock()
+        steps = train_steps(
+            module, batches, optimizer, scheduler, options, first_step=position.global_step, log=log
         )
-        clock = time.perf_counter()
-        for batch in limited(batches, steps_per_epoch, skip=position.batches_done):
-            result = train_batch(
-                module,
-                to_device(batch, device),
-                optimizer,
-                scheduler,
-                segment_len=config.train.segment_len,
-                grad_clip=config.train.grad_clip,
-                autocast_dtype=autocast,
-            )
+        for step in steps:
             position.batches_done += 1
-            position.global_step += 1
-            _log_step(logger, config, position, result, world)
-            position.train_seconds += time.perf_counter() - clock
+            position.global_step = step
+            clock.add_to(position)
             # After the log: the crash loses a logged step, which the restore must redo.
             _maybe_inject_fault(config, position)
             if _mid_epoch_checkpoint_due(config, position, steps_per_epoch):
@@ -90,13 +94,14 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
                     position,
                     config,
                 )
-            clock = time.perf_counter()
+            clock.restart()
         metrics = _evaluate(rank, model, test_shard, config, device, autocast)
         position.epoch, position.batches_done = epoch + 1, 0
         metrics |= {
             "epoch": epoch + 1,
             "step": position.global_step,
             "train_seconds": position.train_seconds,
+            "train_cpu_seconds": position.train_cpu_seconds,
         }
         position.best_accuracy = max(position.best_accuracy, metrics.get("val_accuracy", 0.0))
         metrics["best_val_accuracy"] = position.best_accuracy
@@ -106,6 +111,20 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
             print(_epoch_line(config, metrics), flush=True)
         _report(rank, metrics, model, optimizer, scheduler, position, config)
     return position.history[-1] if position.history else {}
+
+
+def _epoch_batches(
+    train_shard, config: ExperimentConfig, device: torch.device, position: Position, steps: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This epoch's batches of the shard on `device`, after those a resumed run already did."""
+    batches = train_shard.iter_torch_batches(
+        batch_size=config.train.batch_size,
+        drop_last=True,
+        local_shuffle_seed=position.epoch,
+        prefetch_batches=PREFETCH_BATCHES,
+        pin_memory=device.type == "cuda",
+    )
+    return (to_device(b, device) for b in limited(batches, steps, skip=position.batches_done))
 
 
 def _maybe_inject_fault(config: ExperimentConfig, position: Position) -> None:
@@ -132,25 +151,32 @@ def _segments_per_row(config: ExperimentConfig) -> int:
     return -(-width // segment)
 
 
-def _log_step(
-    logger: MetricLogger | None,
-    config: ExperimentConfig,
-    position: Position,
-    result: StepResult,
-    world: int,
-) -> None:
-    if logger is None or position.global_step % config.train.log_every_steps:
-        return
-    metrics = {
-        "train_loss": result.loss,
-        "step": position.global_step,
-        "tokens_per_second": result.tokens_per_second * world,
-        "state_bytes_per_sequence": result.state_bytes_per_sequence,
-        **{f"memory/{k}": v for k, v in result.memory.items()},
-    }
-    if result.aux_loss:
-        metrics["train_aux_loss"] = result.aux_loss
-    logger.log(metrics, position.global_step)
+class _LoopClock:
+    """Wall and CPU time inside the batch loop (waiting for batches, the steps, their logging),
+    leaving out checkpoints and fault injection; CPU time is the whole worker process's, Ray
+    Data's threads included."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def add_to(self, position: Position) -> None:
+        position.train_seconds += time.perf_counter() - self.wall
+        position.train_cpu_seconds += time.process_time() - self.cpu
+
+
+def _step_logger(logger: MetricLogger, world: int) -> LogFn:
+    """Rank 0's step metrics to MLflow; its throughput stands for every rank's."""
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        logger.log(
+            metrics | {"step": step, "tokens_per_second": metrics["tokens_per_second"] * world},
+            step,
+        )
+
+    return log
 
 
 def _mid_epoch_checkpoint_due(config: ExperimentConfig, position: Position, steps: int) -> bool:
