@@ -325,8 +325,9 @@ def sides(sizes: Sizes, root: Path) -> list[Side]:
     2-worker sides on CUDA only with 2 GPUs."""
     two_ok = sizes.device == "cpu" or torch.cuda.device_count() >= 2
     plan = [("plain", 0, False), ("ray x1", 1, False), ("ray x2", 2, False)]
-    plan += [(f"ray x1 @B{sizes.scale_batch_size}", 1, True)]
-    plan += [(f"ray x2 @B{sizes.scale_batch_size}", 2, True)]
+    if sizes.scale_steps:
+        plan += [(f"ray x1 @B{sizes.scale_batch_size}", 1, True)]
+        plan += [(f"ray x2 @B{sizes.scale_batch_size}", 2, True)]
     found, data = [], {}
     for name, workers, scaled in plan:
         if workers == 2 and not two_ok:
@@ -415,7 +416,8 @@ def table(rows: list[SideRow]) -> str:
 
 def _cells(row: SideRow, flops: bool) -> list[str]:
     ms = row.per_step_ms
-    cells = [row.side, str(row.workers), str(row.steps), str(row.rows_per_step)]
+    workers = str(row.workers) if row.workers else "-"
+    cells = [row.side, workers, str(row.steps), str(row.rows_per_step)]
     cells += [f"{row.in_loop_seconds:.2f}", f"{row.cpu_seconds:.2f}"]
     cells += [f"{row.rows_per_second:,.0f}", f"{row.tokens_per_second:,.0f}"]
     cells += [f"{ms[key]:.1f}" for key in TIME_KEYS]
@@ -457,8 +459,8 @@ def _scaling(two: SideRow, one: SideRow) -> list[tuple[str, object]]:
     steady = 2 * one.per_step_ms["step_ms"] / two.per_step_ms["step_ms"]
     return [
         ("speed_up", two.rows_per_second / one.rows_per_second),
-        ("speed_up_per_repeat", [2 / r for r in _per_repeat(two, one, "in_loop_seconds")]),
-        ("speed_up_steady", steady),
+        ("per_repeat_speed_up", [2 / r for r in _per_repeat(two, one, "in_loop_seconds")]),
+        ("steady_speed_up", steady),
         ("worker_cores", [side.cpu_cores.get("train workers", 0.0) for side in (one, two)]),
     ]
 
@@ -485,10 +487,10 @@ def summary(found: dict[str, object], probe: dict[str, float] | None, rows: list
     ]
     for tag, _, _ in _scaling_pairs(rows):
         cores = found[f"worker_cores{tag}"]
-        per_repeat = ", ".join(f"{r:.2f}" for r in found[f"speed_up{tag}_per_repeat"])
+        per_repeat = ", ".join(f"{r:.2f}" for r in found[f"per_repeat_speed_up{tag}"])
         lines.append(
             f"speed-up x2 / x1{tag.replace('_at_', ' at ')}, rows/s: {found[f'speed_up{tag}']:.2f} "
-            f"in-loop (per repeat: {per_repeat}), {found[f'speed_up{tag}_steady']:.2f} steady; "
+            f"in-loop (per repeat: {per_repeat}), {found[f'steady_speed_up{tag}']:.2f} steady; "
             f"the workers had {cores[0]:.2f} and {cores[1]:.2f} cores (ideal 2.00, target "
             f"{SCALING_TARGET} at the compute-bound size)"
         )
@@ -511,14 +513,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=10, help="step-metric interval")
     parser.add_argument("--scale-d-model", type=int, default=128, help="compute-bound width")
     parser.add_argument("--scale-batch-size", type=int, default=128, help="compute-bound batch")
-    parser.add_argument("--scale-steps", type=int, default=40, help="compute-bound steps")
+    parser.add_argument(
+        "--scale-steps", type=int, default=40, help="compute-bound steps (0: skip those sides)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs per side (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     parser.add_argument("--output", default="train.json", help="file in benchmarks/results/")
     args = parse_with_quick(parser, argv, QUICK)
-    for steps in (args.steps, args.scale_steps):
+    for steps in (args.steps, args.scale_steps or args.steps):
         if steps < 2 * args.log_every or steps % args.log_every:
             parser.error(
                 f"steps ({steps}) must be a multiple of --log-every ({args.log_every}), at least "
@@ -544,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
         rows = measure(sizes, Path(folder), sampler, log)
         probe = None
-        if sizes.device == "cpu":
+        if sizes.device == "cpu" and sizes.scale_steps:
             probe = allreduce_probe(experiment(sizes, Path(folder), 2, scaled=True))
     sampler.stop()
     ray.shutdown()

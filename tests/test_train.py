@@ -17,6 +17,7 @@ from pipelines.data import tasks
 from pipelines.experiment import OverrideError, apply_overrides
 from pipelines.recipes import SMALL_RECALL, debug
 from pipelines.train.loop import (
+    StartedEarly,
     StepOptions,
     TrainingModule,
     evaluate,
@@ -167,6 +168,28 @@ def test_compact_token_columns_widen_on_the_device():
     assert moved["inputs"].dtype == torch.long and moved["labels"].dtype == torch.long
     assert moved["inputs"].tolist() == [[0, 1, 2], [3, 4, 5]]
     assert moved["labels"].tolist() == [[-100, 1, 2]]
+
+
+def test_a_stream_started_early_yields_everything_in_order_and_raises_its_errors():
+    import threading
+
+    started = threading.Event()
+
+    def stream():
+        started.set()  # runs before anyone iterates
+        yield from range(5)
+
+    early = StartedEarly(stream())
+    assert started.wait(timeout=10)
+    assert list(early) == [0, 1, 2, 3, 4]
+    assert list(StartedEarly(iter([]))) == []
+
+    def broken():
+        raise OSError("block lost")
+        yield
+
+    with pytest.raises(OSError, match="block lost"):
+        list(StartedEarly(broken()))
 
 
 def test_overrides_apply_and_fail_with_the_key_named():
