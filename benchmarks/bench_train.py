@@ -440,13 +440,17 @@ def cpu_table(rows: list[SideRow]) -> str:
 
 
 def comparisons(rows: list[SideRow]) -> dict[str, object]:
+    """Ratios paired within each repeat (sides run back to back), then their median: on a shared
+    machine the load drifts between repeats more than between neighbouring runs."""
     named = {row.side: row for row in rows}
     plain, one = named["plain"], named["ray x1"]
+    in_loop = _paired(one, plain, lambda run: run.in_loop_seconds)
     found: dict[str, object] = {
-        "ray_x1_over_plain": one.in_loop_seconds / plain.in_loop_seconds,
-        "ray_x1_over_plain_per_repeat": _per_repeat(one, plain, "in_loop_seconds"),
-        "ray_x1_over_plain_cpu": one.cpu_seconds / plain.cpu_seconds,
-        "ray_x1_over_plain_steady": one.per_step_ms["step_ms"] / plain.per_step_ms["step_ms"],
+        "ray_x1_over_plain": statistics.median(in_loop),
+        "ray_x1_over_plain_per_repeat": in_loop,
+        "ray_x1_over_plain_of_medians": one.in_loop_seconds / plain.in_loop_seconds,
+        "ray_x1_over_plain_cpu": statistics.median(_paired(one, plain, lambda r: r.cpu_seconds)),
+        "ray_x1_over_plain_steady": statistics.median(_paired(one, plain, _step_ms)),
     }
     for tag, two_name, one_name in _scaling_pairs(rows):
         found |= {f"{key}{tag}": value for key, value in _scaling(named[two_name], named[one_name])}
@@ -454,19 +458,40 @@ def comparisons(rows: list[SideRow]) -> dict[str, object]:
 
 
 def _scaling(two: SideRow, one: SideRow) -> list[tuple[str, object]]:
-    """Rows/s of 2 workers over 1 (in-loop, per repeat, steady) and the cores each side's
-    workers had during the steady loop."""
-    steady = 2 * one.per_step_ms["step_ms"] / two.per_step_ms["step_ms"]
+    """Rows/s of 2 workers over 1 (in-loop per repeat, and steady), the cores the workers had
+    during the steady loop, and the speed-up at a core per worker: 2 workers with a core each
+    against 1 with one core, from the workers' core-seconds per steady step C (all workers):
+    4 * C1 / C2. It leaves out time a worker waits without using its core (the all-reduce)."""
+    speed_up = [2 / r for r in _paired(two, one, lambda run: run.in_loop_seconds)]
+    per_core = [4 * r for r in _paired(one, two, _step_core_seconds)]
     return [
-        ("speed_up", two.rows_per_second / one.rows_per_second),
-        ("per_repeat_speed_up", [2 / r for r in _per_repeat(two, one, "in_loop_seconds")]),
-        ("steady_speed_up", steady),
-        ("worker_cores", [side.cpu_cores.get("train workers", 0.0) for side in (one, two)]),
+        ("speed_up", statistics.median(speed_up)),
+        ("per_repeat_speed_up", speed_up),
+        ("steady_speed_up", statistics.median(2 / r for r in _paired(two, one, _step_ms))),
+        ("worker_cores", [_cores(side, "train workers") for side in (one, two)]),
+        ("ray_own_cores", [_cores(side, *RAY_OWN) for side in (one, two)]),
+        ("per_core_speed_up", statistics.median(per_core)),
     ]
 
 
-def _per_repeat(a: SideRow, b: SideRow, field: str) -> list[float]:
-    return [getattr(x, field) / getattr(y, field) for x, y in zip(a.runs, b.runs, strict=True)]
+RAY_OWN = ("Ray Train/Data actors", "Ray daemons", "idle Ray workers", "other Ray processes")
+
+
+def _step_ms(run: Timing) -> float:
+    return run.per_step_ms["step_ms"]
+
+
+def _step_core_seconds(run: Timing) -> float:
+    """Worker core-seconds per steady step (all workers together)."""
+    return run.per_step_ms["step_ms"] * run.cpu_cores.get("train workers", float("nan"))
+
+
+def _cores(side: SideRow, *groups: str) -> float:
+    return sum(side.cpu_cores.get(group, 0.0) for group in groups)
+
+
+def _paired(a: SideRow, b: SideRow, value: Callable[[Timing], float]) -> list[float]:
+    return [value(x) / value(y) for x, y in zip(a.runs, b.runs, strict=True)]
 
 
 def _scaling_pairs(rows: list[SideRow]) -> list[tuple[str, str, str]]:
@@ -482,18 +507,11 @@ def summary(found: dict[str, object], probe: dict[str, float] | None, rows: list
     verdict = "meets" if ratio <= TARGET else "misses"
     lines = [
         f"ratio ray x1 / plain, in-loop time: {ratio:.3f} ({verdict} the target {TARGET}; Ray's "
-        f"parity {PARITY}, release gate {RELEASE_GATE}); per repeat: {repeats}; CPU time: "
+        f"parity {PARITY}, release gate {RELEASE_GATE}); per repeat: {repeats}; of the medians: "
+        f"{found['ray_x1_over_plain_of_medians']:.3f}; CPU time: "
         f"{found['ray_x1_over_plain_cpu']:.3f}; steady step: {steady:.3f}"
     ]
-    for tag, _, _ in _scaling_pairs(rows):
-        cores = found[f"worker_cores{tag}"]
-        per_repeat = ", ".join(f"{r:.2f}" for r in found[f"per_repeat_speed_up{tag}"])
-        lines.append(
-            f"speed-up x2 / x1{tag.replace('_at_', ' at ')}, rows/s: {found[f'speed_up{tag}']:.2f} "
-            f"in-loop (per repeat: {per_repeat}), {found[f'steady_speed_up{tag}']:.2f} steady; "
-            f"the workers had {cores[0]:.2f} and {cores[1]:.2f} cores (ideal 2.00, target "
-            f"{SCALING_TARGET} at the compute-bound size)"
-        )
+    lines += [_scaling_line(found, tag) for tag, _, _ in _scaling_pairs(rows)]
     if probe:
         lines.append(
             f"gloo all-reduce of the compute-bound model's gradients ({probe['gradient_bytes']:,} "
@@ -501,6 +519,18 @@ def summary(found: dict[str, object], probe: dict[str, float] | None, rows: list
             f"{probe['max_ms']:.2f} ms max"
         )
     return "\n".join(lines)
+
+
+def _scaling_line(found: dict[str, object], tag: str) -> str:
+    cores, own = found[f"worker_cores{tag}"], found[f"ray_own_cores{tag}"]
+    per_repeat = ", ".join(f"{r:.2f}" for r in found[f"per_repeat_speed_up{tag}"])
+    return (
+        f"speed-up x2 / x1{tag.replace('_at_', ' at ')}, rows/s: {found[f'speed_up{tag}']:.2f} "
+        f"in-loop (per repeat: {per_repeat}), {found[f'steady_speed_up{tag}']:.2f} steady "
+        f"(ideal 2.00; target {SCALING_TARGET} at the compute-bound size); the workers had "
+        f"{cores[0]:.2f} and {cores[1]:.2f} cores, Ray's own processes {own[0]:.2f} and "
+        f"{own[1]:.2f}; at a core per worker: {found[f'per_core_speed_up{tag}']:.2f}"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

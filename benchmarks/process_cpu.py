@@ -4,13 +4,18 @@
 dashboard it started, with every Ray worker under them) while a training run goes on, then reads
 the CPU seconds each group of processes used between two wall-clock times (the first and last
 logged step), beside what the machine's cores did in all: the rest is other users of a shared
-machine. Linux only: elsewhere `TreeSampler.available()` is False and the benchmark says so.
+machine. The sampling runs in a child process (`python process_cpu.py ROOT EVERY`, one JSON line
+per sample), not in a thread of the driver, where it would take the interpreter lock from the
+plain loop it measures; its own CPU time is left out. Linux only (/proc).
 """
 
 from __future__ import annotations
 
+import json
 import os
-import threading
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,47 +44,40 @@ class Sample:
 
 
 class TreeSampler:
-    """Samples every `every` seconds in a thread until `stop()`."""
+    """Samples the tree under `root` every `every` seconds, in a child process, until `stop()`."""
 
-    def __init__(self, root: int, driver_group: str = "driver", every: float = 0.25) -> None:
+    def __init__(self, root: int, driver_group: str = "driver", every: float = 0.5) -> None:
         self.root, self.driver_group, self.every = root, driver_group, every
-        self.samples: list[Sample] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def available() -> bool:
-        return (PROC / "stat").is_file()
+        self._out = Path(tempfile.mkstemp(prefix="process-cpu-", suffix=".jsonl")[1])
+        self._child: subprocess.Popen | None = None
 
     def start(self) -> TreeSampler:
-        self._thread.start()
+        command = [sys.executable, __file__, str(self.root), str(self.every), self.driver_group]
+        with self._out.open("w") as out:
+            self._child = subprocess.Popen(command, stdout=out)
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.samples.append(self._sample())
+        if self._child is not None:
+            self._child.terminate()
+            self._child.wait()
+        self._out.unlink(missing_ok=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append(self._sample())
-            self._stop.wait(self.every)
-
-    def _sample(self) -> Sample:
-        busy, steal = _machine_cpu()
-        processes = {}
-        for pid in _descendants(self.root):
-            found = _process_cpu(pid)
-            if found is not None:
-                command, seconds = found
-                group = self.driver_group if pid == self.root else _group(command)
-                processes[pid] = (group, seconds)
-        return Sample(time.time(), busy, steal, processes)
+    def samples(self) -> list[Sample]:
+        found = []
+        for line in self._out.read_text().splitlines():
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the line being written
+            processes = {int(pid): (group, cpu) for pid, (group, cpu) in raw["p"].items()}
+            found.append(Sample(raw["t"], raw["busy"], raw["steal"], processes))
+        return found
 
     def usage(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds per group between `start` and `end` (time.time()), with `machine` (all
         busy cores), `outside this run` (machine minus this tree) and `steal`."""
-        inside = [s for s in self.samples if start <= s.time <= end]
+        inside = [s for s in self.samples() if start <= s.time <= end]
         if len(inside) < 2:
             return {}
         first, last = inside[0], inside[-1]
@@ -95,6 +93,18 @@ class TreeSampler:
         used["steal"] = last.machine_steal - first.machine_steal
         used["seconds"] = last.time - first.time
         return used
+
+
+def sample(root: int, driver_group: str) -> dict:
+    """One sample as a JSON-ready dict; the sampling process itself is left out."""
+    busy, steal = _machine_cpu()
+    processes = {}
+    for pid in _descendants(root):
+        found = _process_cpu(pid) if pid != os.getpid() else None
+        if found is not None:
+            command, seconds = found
+            processes[pid] = (driver_group if pid == root else _group(command), seconds)
+    return {"t": time.time(), "busy": busy, "steal": steal, "p": processes}
 
 
 def _group(command: str) -> str:
@@ -141,3 +151,10 @@ def _process_cpu(pid: int) -> tuple[str, float] | None:
     if fields is None or not command:
         return None  # gone, or a zombie whose command line is already empty
     return command, (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+if __name__ == "__main__":
+    root_pid, every_seconds, driver = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+    while os.path.exists(f"/proc/{root_pid}"):
+        print(json.dumps(sample(root_pid, driver)), flush=True)
+        time.sleep(every_seconds)
