@@ -11,6 +11,11 @@ to; this script says what the fast path buys, on this machine, for the same weig
   compared per token. For attention-like kinds a token costs more late in a long row, so the
   fast path is also timed at the reference length: `ratio@refT` compares like with like.
 
+`--device cuda` times both paths on the GPU (each timed step ends in a device sync) and adds, for
+attention, model TFLOP/s and model FLOPs utilisation (`flops.py`: analytic count, dense bf16 peak;
+the step runs in fp32 here, so MFU against the bf16 peak is a lower bound). The state-growth
+table reads byte counts and stays on the CPU.
+
 Run from the repository root: `.venv/bin/python benchmarks/bench_models.py [--quick]`.
 """
 
@@ -34,6 +39,7 @@ from bench_common import (
     run_each,
     write_results,
 )
+from flops import device_error, peak_tflops, training_flops_per_token
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -73,6 +79,7 @@ class Sizes:
     warmup: int
     repeats: int
     ref_repeats: int
+    device: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +95,8 @@ class ModelRow:
     state_bytes_per_sequence: int
     parameters: int
     reference_parameters: int
+    model_tflops: float | None = None  # attention only: analytic FLOPs x fast tokens/s
+    mfu: float | None = None  # model_tflops / the GPU's dense bf16 peak (CUDA only)
 
 
 class TorchRNNStack(nn.Module):
@@ -104,27 +113,33 @@ class TorchRNNStack(nn.Module):
         return self.head(hidden_seq), None
 
 
-def build_model(kind: str, sizes: Sizes) -> SequenceModel:
-    config = SequenceModelConfig(
+def model_config(kind: str, sizes: Sizes) -> SequenceModelConfig:
+    return SequenceModelConfig(
         vocab_size=VOCAB_SIZE,
         d_model=sizes.d_model,
         n_layers=sizes.n_layers,
         memory=memory_config({"kind": kind}),
     )
-    return config.build()
+
+
+def build_model(kind: str, sizes: Sizes) -> SequenceModel:
+    return model_config(kind, sizes).build()
 
 
 def tokens_per_second(
     module: nn.Module, forward: Forward, sizes: Sizes, seq_len: int, repeats: int
 ) -> float:
     """Training throughput: forward, cross-entropy and backward on one random batch."""
-    tokens = torch.randint(0, VOCAB_SIZE, (sizes.batch_size, seq_len))
-    labels = torch.randint(0, VOCAB_SIZE, (sizes.batch_size, seq_len))
+    device = torch.device(sizes.device)
+    tokens = torch.randint(0, VOCAB_SIZE, (sizes.batch_size, seq_len), device=device)
+    labels = torch.randint(0, VOCAB_SIZE, (sizes.batch_size, seq_len), device=device)
 
     def step() -> None:
         module.zero_grad(set_to_none=True)
         logits, _ = forward(tokens)  # [B, T, vocab]
         F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the work queued, not just its launch
 
     return sizes.batch_size * seq_len / median_seconds(step, sizes.warmup, repeats)
 
@@ -133,7 +148,7 @@ def state_bytes_per_sequence(model: SequenceModel, sizes: Sizes) -> int:
     """Bytes of memory state one sequence holds after `seq_len` tokens, read off a real state."""
     with torch.no_grad():
         tokens = torch.randint(0, VOCAB_SIZE, (sizes.batch_size, sizes.seq_len))
-        _, state = model(tokens)
+        _, state = model(tokens.to(sizes.device))
     return state.nbytes_per_sequence()
 
 
@@ -183,7 +198,8 @@ def pick_reference(kind: str, model: SequenceModel, sizes: Sizes) -> Reference:
     """torch's own RNN stack for lstm/gru; for the rest the model's slow per-step path, shorter."""
     if kind in TORCH_RNNS:
         rnn = TORCH_RNNS[kind]
-        stack = TorchRNNStack(rnn, sizes.d_model, model.config.memory.memory_size, sizes.n_layers)
+        hidden = model.config.memory.memory_size
+        stack = TorchRNNStack(rnn, sizes.d_model, hidden, sizes.n_layers).to(sizes.device)
         return Reference(
             f"torch nn.{rnn.__name__}", stack, stack.forward, sizes.seq_len, sizes.repeats
         )
@@ -195,7 +211,7 @@ def pick_reference(kind: str, model: SequenceModel, sizes: Sizes) -> Reference:
 def measure_kind(kind: str, sizes: Sizes, log: Callable[[str], None]) -> ModelRow:
     """Fast path at full size, then its reference (see the module docstring for which one)."""
     torch.manual_seed(0)
-    model = build_model(kind, sizes)
+    model = build_model(kind, sizes).to(sizes.device)
     fast = tokens_per_second(model, model.forward, sizes, sizes.seq_len, sizes.repeats)
     log(f"  fast path          {fast:12,.0f} tokens/s  (T={sizes.seq_len})")
     ref = pick_reference(kind, model, sizes)
@@ -216,12 +232,24 @@ def measure_kind(kind: str, sizes: Sizes, log: Callable[[str], None]) -> ModelRo
         state_bytes_per_sequence=state_bytes_per_sequence(model, sizes),
         parameters=model.num_parameters(),
         reference_parameters=sum(p.numel() for p in ref.module.parameters()),
+        **_utilisation(kind, sizes, fast),
     )
+
+
+def _utilisation(kind: str, sizes: Sizes, tokens_per_second: float) -> dict[str, float | None]:
+    flops = training_flops_per_token(model_config(kind, sizes), sizes.seq_len)
+    if flops is None:
+        return {}
+    tflops = flops * tokens_per_second / 1e12
+    peak = peak_tflops(torch.device(sizes.device))
+    return {"model_tflops": tflops, "mfu": None if peak is None else tflops / peak}
 
 
 def table(rows: list[ModelRow]) -> str:
     headers = ["mechanism", "reference", "fast tok/s", "ref tok/s", "ref T", "ratio"]
     headers += ["ratio@refT", "state B/seq", "params", "ref params"]
+    flops = any(row.model_tflops is not None for row in rows)
+    headers += ["TFLOP/s", "MFU"] if flops else []
     cells = [
         [
             row.kind,
@@ -234,10 +262,16 @@ def table(rows: list[ModelRow]) -> str:
             f"{row.state_bytes_per_sequence:,}",
             f"{row.parameters:,}",
             f"{row.reference_parameters:,}",
+            *(_flops_cells(row) if flops else []),
         ]
         for row in rows
     ]
     return format_table(headers, cells, left=2)
+
+
+def _flops_cells(row: ModelRow) -> list[str]:
+    tflops = "-" if row.model_tflops is None else f"{row.model_tflops:.3g}"
+    return [tflops, "-" if row.mfu is None else f"{100 * row.mfu:.1f} %"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -251,8 +285,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-layers", type=int, default=2)
     parser.add_argument("--ref-repeats", type=int, default=3, help="timed reference_forward runs")
     parser.add_argument("--kinds", nargs="+", choices=list(REGISTRY), help="default: all")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     add_timing_options(parser, repeats=5, threads="torch threads, both sides", warmup=2)
-    return parse_with_quick(parser, argv, QUICK)
+    args = parse_with_quick(parser, argv, QUICK)
+    if error := device_error(args.device):
+        parser.error(error)
+    return args
 
 
 def sizes_from(args: argparse.Namespace) -> Sizes:

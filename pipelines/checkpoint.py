@@ -37,6 +37,7 @@ class Position:
     # Wall time in the batch loop (waiting for batches, the steps, step logging; not evaluation
     # or checkpoints): what benchmarks/bench_train.py compares with the plain loop.
     train_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0  # CPU time of the worker process over the same spans
 
 
 def save_checkpoint(

@@ -16,7 +16,16 @@ from memory_models.registry import REGISTRY, memory_config
 from pipelines.data import tasks
 from pipelines.experiment import OverrideError, apply_overrides
 from pipelines.recipes import SMALL_RECALL, debug
-from pipelines.train.loop import TrainingModule, evaluate, lr_schedule, train_batch
+from pipelines.train.loop import (
+    StartedEarly,
+    StepOptions,
+    TrainingModule,
+    evaluate,
+    lr_schedule,
+    to_device,
+    train_batch,
+    train_steps,
+)
 from pipelines.train.metrics import EvalAccumulator
 from pipelines.train.tracking import RUN_NAME_TAG
 
@@ -86,6 +95,102 @@ def test_metrics_count_what_they_say():
     text = EvalAccumulator("text")
     text.add(torch.zeros(1, 2, 256), {"labels": torch.tensor([[1, 2]])})
     assert text.result()["bits_per_byte"] == pytest.approx(8.0)
+
+
+def _logged_run(kind: str, batches, log_every: int, segment_len: int | None = 16):
+    """`train_steps` from a fixed seed; returns [(step, metrics)] of every log."""
+    torch.manual_seed(0)
+    module = TrainingModule(_model(kind))
+    optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    scheduler = lr_schedule(optimizer, warmup_steps=2, total_steps=100)
+    options = StepOptions(segment_len=segment_len, log_every=log_every)
+    logged = []
+    for _ in train_steps(
+        module, batches, optimizer, scheduler, options, log=lambda s, m: logged.append((s, m))
+    ):
+        pass
+    return logged
+
+
+def test_logging_every_n_steps_logs_those_steps_with_the_window_means():
+    batches = _recall_batches(112, 16)  # 7 steps
+    every_third = _logged_run("gru", batches, log_every=3)
+    assert [step for step, _ in every_third] == [3, 6]  # step 7 ends no window
+    each = dict(_logged_run("gru", batches, log_every=1))  # the same training, read per step
+    for step, metrics in every_third:
+        window = [each[s]["train_loss"] for s in range(step - 2, step + 1)]
+        assert metrics["train_loss"] == pytest.approx(sum(window) / 3, rel=1e-6)
+        assert metrics["tokens_per_second"] > 0
+        assert metrics["state_bytes_per_sequence"] == _model("gru").state_size_bytes(64)
+        times = [metrics[f"time/{k}"] for k in ("step_ms", "data_wait_ms", "compute_ms")]
+        assert all(t >= 0 for t in times) and metrics["time/step_ms"] >= times[2]
+
+
+@pytest.mark.parametrize("kind", ["gru", "linear_attention"])
+def test_steps_wait_for_the_device_only_when_they_log(monkeypatch, kind):
+    """Counts every host read of a tensor value: none on steps that do not log.
+
+    Mechanisms whose forward itself reads nothing back; those that compact a cache to a
+    data-dependent size (attention's eviction, for one) read per segment on their own. SGD, since
+    AdamW reads its step counter, a host tensor even when the model is on a GPU.
+    """
+    torch.manual_seed(0)
+    module = TrainingModule(_model(kind))
+    memory_metrics = len(module.model.init_state(1).metrics())
+    reads: list[str] = []
+    for name in ("item", "tolist", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    batches = _recall_batches(96, 16)  # 6 steps, 4 segments each
+    optimizer = torch.optim.SGD(module.parameters(), lr=3e-3)
+    options = StepOptions(segment_len=16, log_every=3)
+    logs = []
+    reads_per_step = []
+    steps = train_steps(module, batches, optimizer, None, options, log=lambda s, m: logs.append(s))
+    for _ in steps:
+        reads_per_step.append(len(reads))
+        reads.clear()
+    assert logs == [3, 6]
+    assert [n > 0 for n in reads_per_step] == [False, False, True, False, False, True]
+    assert reads_per_step[2] == 1 + memory_metrics  # the losses' one sync, then the memory
+    for _ in train_steps(module, batches, optimizer, None, options):
+        pass
+    assert reads == []  # without a log nothing is read back at all
+
+
+def test_compact_token_columns_widen_on_the_device():
+    batch = {"inputs": torch.arange(6, dtype=torch.int16).view(2, 3), "labels": [[-100, 1, 2]]}
+    moved = to_device(batch, torch.device("cpu"))
+    assert moved["inputs"].dtype == torch.long and moved["labels"].dtype == torch.long
+    assert moved["inputs"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert moved["labels"].tolist() == [[-100, 1, 2]]
+
+
+def test_a_stream_started_early_yields_everything_in_order_and_raises_its_errors():
+    import threading
+
+    started = threading.Event()
+
+    def stream():
+        started.set()  # runs before anyone iterates
+        yield from range(5)
+
+    early = StartedEarly(stream())
+    assert started.wait(timeout=10)
+    assert list(early) == [0, 1, 2, 3, 4]
+    assert list(StartedEarly(iter([]))) == []
+
+    def broken():
+        raise OSError("block lost")
+        yield
+
+    with pytest.raises(OSError, match="block lost"):
+        list(StartedEarly(broken()))
 
 
 def test_overrides_apply_and_fail_with_the_key_named():
@@ -236,3 +341,53 @@ def test_too_many_failures_end_with_a_clear_error_and_the_run_marked_failed(ray_
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == [1, 2, 2, 3]  # step 2 before and after the crash
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_the_worker_logs_the_losses_the_plain_loop_computes(ray_local, tmp_path):
+    """Same seed, rows, order and accumulation: rank 0 of a 1-worker run logs to MLflow exactly
+    the window losses that `train_steps` in this process gives."""
+    from pipelines.data.build import build_datasets
+    from pipelines.train.driver import train
+
+    overrides = {"scaling.num_workers": 1, "train.log_every_steps": 2, "train.epochs": 1}
+    config = _tiny("gru", tmp_path, **overrides, **{"train.max_steps_per_epoch": 4})
+    outcome = train(config)
+    client = MlflowClient(config.tracking.resolved_uri())
+    logged = {m.step: m.value for m in client.get_metric_history(outcome.run_id, "train_loss")}
+    assert sorted(logged) == [2, 4]
+    assert set(client.get_run(outcome.run_id).data.metrics) >= {"time.step_ms", "time.log_ms"}
+
+    train_config = config.train
+    rows = build_datasets(config.data).train.take_batch(4 * train_config.batch_size)
+    columns = {name: torch.as_tensor(rows[name]) for name in ("inputs", "labels")}
+    size = train_config.batch_size
+    batches = [{k: v[i * size : (i + 1) * size] for k, v in columns.items()} for i in range(4)]
+    torch.manual_seed(train_config.seed)  # rank 0's seed
+    module = TrainingModule(config.model.build(), train_config.aux_loss_weight)
+    optimizer = torch.optim.AdamW(
+        module.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay
+    )
+    total = 4 * 2  # steps x segments (rows of 64 tokens in segments of 32), one epoch
+    scheduler = lr_schedule(optimizer, train_config.warmup_steps, total, train_config.schedule)
+    options = StepOptions(segment_len=train_config.segment_len, log_every=2)
+    plain = {}
+    steps = train_steps(module, batches, optimizer, scheduler, options, log=plain.__setitem__)
+    assert list(steps) == [1, 2, 3, 4]
+    assert {step: m["train_loss"] for step, m in plain.items()} == pytest.approx(logged, rel=1e-6)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_every_rank_reads_the_whole_train_set_in_the_same_block_order(ray_local):
+    import ray.data
+
+    from pipelines.train.driver import ingest_config
+
+    train = ray.data.from_items([{"row": i} for i in range(40)], override_num_blocks=8)
+    test = ray.data.from_items([{"row": i} for i in range(4)])
+    shards = ingest_config().configure({"train": train.materialize(), "test": test}, 2, None, None)
+    for epoch in range(2):
+        seen = [[row["row"] for row in shard["train"].iter_rows()] for shard in shards]
+        assert seen[0] == seen[1] == list(range(40)), epoch

@@ -69,9 +69,7 @@ def train(
             callbacks=callbacks,
         ),
         datasets=data.datasets(),
-        # Not split: every rank reads the whole train set and keeps its slice of each global
-        # batch, so all ranks train on the same length at each step (`shard_batches`).
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        dataset_config=ingest_config(),
     )
     client = client_for(config.tracking.resolved_uri())
     try:
@@ -93,6 +91,16 @@ def train(
         model_uri=model_uri,
         resumed=resumed,
     )
+
+
+def ingest_config() -> ray.train.DataConfig:
+    """Nothing split, blocks in order: every rank reads the whole train set in the same block
+    order and keeps its slice of each global batch (`shard_batches`), so all ranks train on the
+    same length at each step; a rank that saw the blocks in another order would cut other
+    batches, take another number of segments and wait forever in DDP's all-reduce."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
 
 
 def planned_steps(config: ExperimentConfig) -> int | None:

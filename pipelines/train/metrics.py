@@ -1,4 +1,8 @@
-"""Task metrics accumulated over evaluation batches.
+"""Metrics accumulated over batches: training steps between two logs, and evaluation.
+
+Training (`TrainWindow`): losses added on the device, read once per logging window.
+
+Evaluation (`EvalAccumulator`):
 
 - every task: loss (mean cross-entropy over scored tokens) and token accuracy;
 - associative recall: accuracy per test configuration, `accuracy_seq_len_{T}_num_kv_pairs_{k}`
@@ -14,11 +18,16 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from pipelines.train.loop import StepResult
 
 IGNORE_INDEX = -100
 
@@ -37,6 +46,74 @@ GROUP_COLUMNS = {
 # Tasks whose output is only useful whole: a copy with one wrong symbol is a wrong copy.
 SEQUENCE_ACCURACY_KINDS = frozenset({"seq2seq_copy", "seq2seq_reverse"})
 COPY_FIRST_VECTOR_TOKEN = 3  # copy tokens: 0 pad, 1 delimiter, 2 blank, 3 + bit-vector value
+
+
+class TrainWindow:
+    """The training steps since the last log, kept on the device until `flush()` reads them all
+    with one host sync.
+
+    `flush()` returns (keys as logged): `train_loss` and `train_aux_loss` (means over the
+    window's segments; the aux loss only where it is not 0), `tokens_per_second` (the window's
+    tokens over its wall time), `state_bytes_per_sequence` and `memory/*` of the last step's
+    state, and where the wall time went, in ms per step: `time/step_ms` (all of it),
+    `time/data_wait_ms` (waiting for the next batch), `time/compute_ms` (host time in
+    `train_batch`; on CUDA only the queueing, and the device's time lands in the sync of the
+    next flush) and `time/log_ms` (the previous flush and log call).
+    """
+
+    def __init__(self) -> None:
+        self._start(time.perf_counter())
+
+    def _start(self, now: float) -> None:
+        self.started = now
+        self.steps = 0
+        self.segments = 0
+        self.tokens = 0
+        self.loss_sums: list[Tensor] = []
+        self.aux_sums: list[Tensor] = []
+        self.wait_seconds = 0.0
+        self.compute_seconds = 0.0
+        self.log_seconds = 0.0
+        self.last: StepResult | None = None
+
+    def waited(self, seconds: float) -> None:
+        self.wait_seconds += seconds
+
+    def logged(self, seconds: float) -> None:
+        """The log call that follows a flush runs in the next window's wall time."""
+        self.log_seconds += seconds
+
+    def add(self, result: StepResult) -> None:
+        self.steps += 1
+        self.segments += result.segments
+        self.tokens += result.tokens
+        self.loss_sums.append(result.loss_sum)
+        self.aux_sums.append(result.aux_sum)
+        self.compute_seconds += result.seconds
+        self.last = result
+
+    def flush(self) -> dict[str, float]:
+        if self.last is None:
+            raise ValueError("flush() of a window without steps: add() a step first")
+        sums = torch.stack([torch.stack(self.loss_sums), torch.stack(self.aux_sums)]).sum(1)
+        loss, aux = (value / self.segments for value in sums.tolist())  # the one host sync
+        now = time.perf_counter()
+        wall = now - self.started
+        per_step = 1000 / self.steps
+        metrics = {
+            "train_loss": loss,
+            "tokens_per_second": self.tokens / max(wall, 1e-9),
+            "state_bytes_per_sequence": self.last.state_bytes_per_sequence,
+            **{f"memory/{key}": value for key, value in self.last.memory.items()},
+            "time/step_ms": wall * per_step,
+            "time/data_wait_ms": self.wait_seconds * per_step,
+            "time/compute_ms": self.compute_seconds * per_step,
+            "time/log_ms": self.log_seconds * per_step,
+        }
+        if aux:
+            metrics["train_aux_loss"] = aux
+        self._start(now)
+        return metrics
 
 
 class EvalAccumulator:

@@ -1,14 +1,19 @@
 """The Ray Train worker: a thin shell that feeds the plain loop from dataset shards and reports.
 
-Every rank trains on its shard of `train` under DDP; rank 0 alone evaluates (each rank gets the
-whole `test` set), logs to MLflow and writes checkpoints. `ray.train.report` is a barrier, so every
-rank calls it at the same points.
+Every rank reads the whole `train` split and trains on its slice of each global batch under DDP
+(`shard_batches`: all ranks train on the same length at each step); rank 0 alone evaluates, logs
+to MLflow and writes checkpoints. `ray.train.report` is a barrier, so every
+rank calls it at the same points: at mid-epoch checkpoints and at the end of each epoch, not per
+logging window (Tune's ASHA stops trials by epoch, on validation metrics). Step metrics are read
+from the device once per `train.log_every_steps` (`train_steps`) and reach MLflow in batches.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,36 +21,87 @@ import ray.train
 import ray.train.torch
 import torch
 
+from memory_models.model import SequenceModel
 from pipelines.checkpoint import Position, restore_training, save_checkpoint
 from pipelines.data import DataError
 from pipelines.data.batches import batches_per_epoch, shard_batches
 from pipelines.experiment import ExperimentConfig
 from pipelines.train.loop import (
-    StepResult,
+    Batch,
+    LogFn,
+    StartedEarly,
+    StepOptions,
     TrainingModule,
     evaluate,
     limited,
     lr_schedule,
     to_device,
-    train_batch,
+    train_steps,
 )
 from pipelines.train.tracking import MetricLogger
 
+# Blocks Ray Data fetches ahead of the one being cut into batches: the next step's batch is
+# ready when the current one ends, even when one block is slower to fetch.
+PREFETCH_BLOCKS = 2
+# Step metrics wait at most this long on rank 0 before going to MLflow together (MetricLogger).
+STEP_METRICS_HOLD_SECONDS = 10.0
+
+
+@dataclass
+class _Run:
+    """One rank's training: what every step and report needs."""
+
+    config: ExperimentConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: SequenceModel
+    module: torch.nn.Module  # TrainingModule (under DDP with more than one worker) once set up
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    position: Position
+    steps_per_epoch: int
+    logger: MetricLogger | None  # rank 0 only, once set up
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        bf16 = self.device.type == "cuda" and self.config.scaling.mixed_precision
+        return torch.bfloat16 if bf16 else None
+
 
 def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
+    train_shard = ray.train.get_dataset_shard("train")
+    test_shard = ray.train.get_dataset_shard("test")
+    run, batches = _setup(loop_config, train_shard)
+    epochs = run.config.train.epochs
+    try:
+        for epoch in range(run.position.epoch, epochs):
+            run.position.epoch = epoch
+            _train_epoch(run, batches)
+            if epoch + 1 < epochs:  # the next epoch's stream starts during this evaluation
+                batches = _epoch_batches(run, train_shard, epoch + 1, skip=0)
+            _end_epoch(run, test_shard)
+    finally:
+        if run.logger is not None:
+            run.logger.flush()  # held step metrics reach MLflow also when a step raised
+    return run.position.history[-1] if run.position.history else {}
+
+
+def _setup(loop_config: dict[str, Any], train_shard) -> tuple[_Run, Iterator[Batch]]:
+    """The model, optimiser and schedule, restored from the last checkpoint if there is one, and
+    the first epoch's batches.
+
+    The optimiser and the restore come before DDP (they hold the same parameters, already on the
+    device), so the first epoch's stream starts while the MLflow client and DDP set up.
+    """
     config = ExperimentConfig.model_validate(loop_config["experiment"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config.train.seed + rank)
-
-    model = config.model.build()
-    module = ray.train.torch.prepare_model(
-        TrainingModule(model, config.train.aux_loss_weight),
-        parallel_strategy_kwargs={"find_unused_parameters": True},
-    )
+    model = config.model.build().to(device)
     optimizer = torch.optim.AdamW(
-        module.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
+        model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
     )
     steps_per_epoch = _steps_per_epoch(config, loop_config["train_rows"], world)
     scheduler = lr_schedule(
@@ -55,69 +111,98 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         config.train.schedule,
     )
     position = _restore(model, optimizer, scheduler)
-    logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    autocast = torch.bfloat16 if device.type == "cuda" and config.scaling.mixed_precision else None
+    run = _Run(
+        config=config,
+        rank=rank,
+        world=world,
+        device=device,
+        model=model,
+        module=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        position=position,
+        steps_per_epoch=steps_per_epoch,
+        logger=None,
+    )
+    batches = _epoch_batches(run, train_shard, position.epoch, skip=position.batches_done)
+    if rank == 0:
+        uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
+        run.logger = MetricLogger(uri, run_id, hold_seconds=STEP_METRICS_HOLD_SECONDS)
+    run.module = ray.train.torch.prepare_model(
+        TrainingModule(model, config.train.aux_loss_weight),
+        parallel_strategy_kwargs={"find_unused_parameters": True},
+    )
+    return run, batches
 
-    train_shard = ray.train.get_dataset_shard("train")
-    test_shard = ray.train.get_dataset_shard("test")
-    for epoch in range(position.epoch, config.train.epochs):
-        position.epoch = epoch
-        batches = shard_batches(
+
+def _train_epoch(run: _Run, batches: Iterator[Batch]) -> None:
+    """The rest of the current epoch: steps, their metrics, fault injection, checkpoints."""
+    config, position = run.config, run.position
+    options = StepOptions(
+        segment_len=config.train.segment_len,
+        grad_clip=config.train.grad_clip,
+        autocast_dtype=run.autocast,
+        log_every=config.train.log_every_steps,
+    )
+    log = _step_logger(run.logger, run.world) if run.logger is not None else None
+    clock = _LoopClock()
+    first = position.global_step
+    for step in train_steps(
+        run.module, batches, run.optimizer, run.scheduler, options, first_step=first, log=log
+    ):
+        position.batches_done += 1
+        position.global_step = step
+        clock.add_to(position)
+        # After the log: the crash loses a logged step, which the restore must redo.
+        _maybe_inject_fault(config, position, run.rank)
+        if _mid_epoch_checkpoint_due(config, position, run.steps_per_epoch):
+            _report(run, {"epoch": position.epoch, "step": step})
+        clock.restart()
+
+
+def _end_epoch(run: _Run, test_shard) -> None:
+    """Evaluate (rank 0), log the epoch's metrics and report them with a checkpoint."""
+    position = run.position
+    metrics = _evaluate(run, test_shard)
+    position.epoch, position.batches_done = position.epoch + 1, 0
+    metrics |= {
+        "epoch": position.epoch,
+        "step": position.global_step,
+        "train_seconds": position.train_seconds,
+        "train_cpu_seconds": position.train_cpu_seconds,
+    }
+    position.best_accuracy = max(position.best_accuracy, metrics.get("val_accuracy", 0.0))
+    metrics["best_val_accuracy"] = position.best_accuracy
+    position.history.append(metrics)
+    if run.logger is not None:
+        run.logger.log(metrics, position.global_step)
+        print(_epoch_line(run.config, metrics), flush=True)
+    _report(run, metrics)
+
+
+def _epoch_batches(run: _Run, train_shard, epoch: int, skip: int) -> Iterator[Batch]:
+    """An epoch's batches of the shard on the device, after the `skip` a resumed run already
+    did. The stream starts now, in a thread (`StartedEarly`), not at the loop's first step."""
+    batches = StartedEarly(
+        shard_batches(
             train_shard,
-            config.train.batch_size,
-            seed=config.train.seed + epoch,
+            run.config.train.batch_size,
+            seed=run.config.train.seed + epoch,
             drop_last=True,
-            world=world,
-            rank=rank,
+            world=run.world,
+            rank=run.rank,
+            prefetch_blocks=PREFETCH_BLOCKS,
         )
-        clock = time.perf_counter()
-        for batch in limited(batches, steps_per_epoch, skip=position.batches_done):
-            result = train_batch(
-                module,
-                to_device(batch, device),
-                optimizer,
-                scheduler,
-                segment_len=config.train.segment_len,
-                grad_clip=config.train.grad_clip,
-                autocast_dtype=autocast,
-            )
-            position.batches_done += 1
-            position.global_step += 1
-            _log_step(logger, config, position, result, world)
-            position.train_seconds += time.perf_counter() - clock
-            # After the log: the crash loses a logged step, which the restore must redo.
-            _maybe_inject_fault(config, position)
-            if _mid_epoch_checkpoint_due(config, position, steps_per_epoch):
-                _report(
-                    rank,
-                    {"epoch": epoch, "step": position.global_step},
-                    model,
-                    optimizer,
-                    scheduler,
-                    position,
-                    config,
-                )
-            clock = time.perf_counter()
-        metrics = _evaluate(rank, model, test_shard, config, device, autocast)
-        position.epoch, position.batches_done = epoch + 1, 0
-        metrics |= {
-            "epoch": epoch + 1,
-            "step": position.global_step,
-            "train_seconds": position.train_seconds,
-        }
-        position.best_accuracy = max(position.best_accuracy, metrics.get("val_accuracy", 0.0))
-        metrics["best_val_accuracy"] = position.best_accuracy
-        position.history.append(metrics)
-        if logger is not None:
-            logger.log(metrics, position.global_step)
-            print(_epoch_line(config, metrics), flush=True)
-        _report(rank, metrics, model, optimizer, scheduler, position, config)
-    return position.history[-1] if position.history else {}
+    )
+    return (to_device(b, run.device) for b in limited(batches, run.steps_per_epoch, skip=skip))
 
 
-def _maybe_inject_fault(config: ExperimentConfig, position: Position) -> None:
-    """Crash once at `train.fail_once_at_step` so tests can watch a run recover."""
-    if position.global_step != config.train.fail_once_at_step:
+def _maybe_inject_fault(config: ExperimentConfig, position: Position, rank: int) -> None:
+    """Crash rank 0 once at `train.fail_once_at_step` so tests can watch a run recover.
+
+    Rank 0 only: it holds the step metrics (`MetricLogger`), and a rank that raises flushes them
+    on its way out; had another rank crashed first, rank 0 would be killed holding them."""
+    if rank != 0 or position.global_step != config.train.fail_once_at_step:
         return
     marker = config.run.storage_path / config.run_name / "fault_injected"
     if marker.exists():
@@ -146,25 +231,32 @@ def _segments_per_row(config: ExperimentConfig) -> int:
     return -(-width // segment)
 
 
-def _log_step(
-    logger: MetricLogger | None,
-    config: ExperimentConfig,
-    position: Position,
-    result: StepResult,
-    world: int,
-) -> None:
-    if logger is None or position.global_step % config.train.log_every_steps:
-        return
-    metrics = {
-        "train_loss": result.loss,
-        "step": position.global_step,
-        "tokens_per_second": result.tokens_per_second * world,
-        "state_bytes_per_sequence": result.state_bytes_per_sequence,
-        **{f"memory/{k}": v for k, v in result.memory.items()},
-    }
-    if result.aux_loss:
-        metrics["train_aux_loss"] = result.aux_loss
-    logger.log(metrics, position.global_step)
+class _LoopClock:
+    """Wall and CPU time inside the batch loop (waiting for batches, the steps, their logging),
+    leaving out checkpoints and fault injection; CPU time is the whole worker process's, Ray
+    Data's threads included."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def add_to(self, position: Position) -> None:
+        position.train_seconds += time.perf_counter() - self.wall
+        position.train_cpu_seconds += time.process_time() - self.cpu
+
+
+def _step_logger(logger: MetricLogger, world: int) -> LogFn:
+    """Rank 0's step metrics to MLflow; its throughput stands for every rank's."""
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        logger.log(
+            metrics | {"step": step, "tokens_per_second": metrics["tokens_per_second"] * world},
+            step,
+        )
+
+    return log
 
 
 def _mid_epoch_checkpoint_due(config: ExperimentConfig, position: Position, steps: int) -> bool:
@@ -172,30 +264,35 @@ def _mid_epoch_checkpoint_due(config: ExperimentConfig, position: Position, step
     return bool(every) and position.global_step % every == 0 and position.batches_done < steps
 
 
-def _evaluate(rank, model, test_shard, config, device, autocast) -> dict[str, float]:
-    if rank != 0:
+def _evaluate(run: _Run, test_shard) -> dict[str, float]:
+    if run.rank != 0:
         return {}
     rows = shard_batches(test_shard, 64, seed=0, drop_last=False)
-    batches = limited((to_device(b, device) for b in rows), config.train.max_eval_batches)
-    task = config.data.task
+    batches = limited((to_device(b, run.device) for b in rows), run.config.train.max_eval_batches)
+    task = run.config.data.task
     metrics = evaluate(
-        model,
+        run.model,
         batches,
-        segment_len=config.train.segment_len,
+        segment_len=run.config.train.segment_len,
         task_kind=task.kind,
         bit_width=getattr(task, "width", None),
-        autocast_dtype=autocast,
+        autocast_dtype=run.autocast,
     )
     return {f"val_{k}": v for k, v in metrics.items()}
 
 
-def _report(rank, metrics, model, optimizer, scheduler, position, config) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
-    if rank != 0:
+def _report(run: _Run, metrics: dict[str, float]) -> None:
+    """Every rank reports (a barrier); rank 0 first sends its held metrics to MLflow, so a run
+    resumed from this checkpoint finds them there, and attaches the checkpoint."""
+    if run.logger is not None:
+        run.logger.flush()
+    if run.rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(Path(folder), model, optimizer, scheduler, position, config)
+        save_checkpoint(
+            Path(folder), run.model, run.optimizer, run.scheduler, run.position, run.config
+        )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 

@@ -33,9 +33,8 @@ def generate(config: Seq2SeqMQARTask, num_examples: int, seed: int) -> Batch:
     rng = np.random.default_rng(seed)
     widths = {"context": config.context_width, "inputs": config.row_width}
     widths["labels"] = config.row_width
-    return mixture(
-        config.num_kv_pairs, config.part_weights(), num_examples, rng, partial(generate_part, config), widths
-    )
+    make_part = partial(generate_part, config)
+    return mixture(config.num_kv_pairs, config.part_weights(), num_examples, rng, make_part, widths)
 
 
 def generate_part(config: Seq2SeqMQARTask, k: int, n: int, rng: np.random.Generator) -> Batch:

@@ -37,9 +37,8 @@ def generate(config: Seq2SeqRecallTask, num_examples: int, seed: int) -> Batch:
     rng = np.random.default_rng(seed)
     widths = {"context": config.context_width, "inputs": config.row_width}
     widths["labels"] = config.row_width
-    return mixture(
-        config.parts, config.part_weights(), num_examples, rng, partial(generate_part, config), widths
-    )
+    make_part = partial(generate_part, config)
+    return mixture(config.parts, config.part_weights(), num_examples, rng, make_part, widths)
 
 
 def generate_part(
