@@ -312,13 +312,16 @@ def serve_command(
 @app.command()
 def recipes() -> None:
     """List the recipes `memlab train --recipe` and `memlab tune --recipe` start from."""
-    from pipelines.recipes import RECIPES
+    from pipelines.recipes import CLAIMS, RECIPES
 
     for recipe_name, make in sorted(RECIPES.items()):
         config = make()
+        claim = CLAIMS.get(recipe_name)
         console.print(
             f"{recipe_name:24} {config.model.memory.kind:15} task={config.data.task.kind} "
             f"epochs={config.train.epochs} workers={config.scaling.num_workers}"
+            + (f"  learns: {claim}" if claim else ""),
+            highlight=False,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from memory_models.model import SequenceModelConfig
 from memory_models.registry import REGISTRY, memory_config
 from pipelines.data import tasks
+from pipelines.data.batches import shard_batches
 from pipelines.experiment import OverrideError, apply_overrides
 from pipelines.recipes import SMALL_RECALL, debug
 from pipelines.train.loop import (
@@ -360,10 +362,13 @@ def test_the_worker_logs_the_losses_the_plain_loop_computes(ray_local, tmp_path)
     assert set(client.get_run(outcome.run_id).data.metrics) >= {"time.step_ms", "time.log_ms"}
 
     train_config = config.train
-    rows = build_datasets(config.data).train.take_batch(4 * train_config.batch_size)
-    columns = {name: torch.as_tensor(rows[name]) for name in ("inputs", "labels")}
-    size = train_config.batch_size
-    batches = [{k: v[i * size : (i + 1) * size] for k, v in columns.items()} for i in range(4)]
+    rows = shard_batches(  # what rank 0 of one worker reads in epoch 0
+        build_datasets(config.data).train,
+        train_config.batch_size,
+        seed=train_config.seed,
+        drop_last=True,
+    )
+    batches = [to_device(batch, torch.device("cpu")) for batch in itertools.islice(rows, 4)]
     torch.manual_seed(train_config.seed)  # rank 0's seed
     module = TrainingModule(config.model.build(), train_config.aux_loss_weight)
     optimizer = torch.optim.AdamW(

@@ -233,7 +233,7 @@ def _write_synthetic(config: DataConfig, scratch: Path, say: Progress) -> int:
         _write_chunk,
         batch_size=1,
         num_cpus=_TASK_CPUS,
-        concurrency=min(len(items), config.blocks or _cluster_cpus()),
+        compute=ray.data.TaskPoolStrategy(size=min(len(items), config.blocks or _cluster_cpus())),
         fn_kwargs={
             "tasks": {split: spec.model_dump(mode="json") for split, (spec, _) in splits.items()},
             "chunks": {split: chunks for split, (_, chunks) in splits.items()},
@@ -348,7 +348,7 @@ def _write_text(config: DataConfig, corpus: Corpus, scratch: Path, say: Progress
         _text_block,
         batch_size=1,
         num_cpus=_TASK_CPUS,
-        concurrency=min(len(items), config.blocks or _cluster_cpus()),
+        compute=ray.data.TaskPoolStrategy(size=min(len(items), config.blocks or _cluster_cpus())),
         fn_kwargs={"stream_len": task.stream_len, "folder": str(scratch)},
     )
     _follow(dataset, totals, say)
