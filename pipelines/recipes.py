@@ -32,6 +32,7 @@ class Claim:
     def __str__(self) -> str:
         return f"{self.metric} >= {self.at_least:.2f}"
 
+
 # Small recall problem, lengths mixed as Zoology advises, tested on the longer training length
 # and beyond it. Vocabulary 128: at 256, attention (batch 64, lr 1e-3, full window) sat on MQAR's
 # plateau at 0.15 after 1,800 steps; at 128 it crossed by step 900 and held 0.997 (plain loop, one
@@ -82,7 +83,12 @@ def mqar_small(kind: str = "attention") -> ExperimentConfig:
             task=SMALL_RECALL, num_train_examples=20480, num_test_examples=512, blocks=4
         ),
         train=TrainSettings(
-            epochs=4, batch_size=64, lr=1e-3, warmup_steps=50, max_eval_batches=8, log_every_steps=20
+            epochs=4,
+            batch_size=64,
+            lr=1e-3,
+            warmup_steps=50,
+            max_eval_batches=8,
+            log_every_steps=20,
         ),
         scaling=ScalingSettings(num_workers=1, cpus_per_worker=1.0),
     )

@@ -21,13 +21,31 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from pipelines.train.loop import StepResult
+
+class StepRecord(Protocol):
+    """What a window reads of one training step (`pipelines.train.loop.StepResult`); a protocol
+    here, so that metrics need not import the loop that imports them."""
+
+    @property
+    def loss_sum(self) -> Tensor: ...
+    @property
+    def aux_sum(self) -> Tensor: ...
+    @property
+    def segments(self) -> int: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def state_bytes_per_sequence(self) -> int: ...
+    @property
+    def memory(self) -> dict[str, float]: ...
+
 
 IGNORE_INDEX = -100
 
@@ -74,7 +92,7 @@ class TrainWindow:
         self.wait_seconds = 0.0
         self.compute_seconds = 0.0
         self.log_seconds = 0.0
-        self.last: StepResult | None = None
+        self.last: StepRecord | None = None
 
     def waited(self, seconds: float) -> None:
         self.wait_seconds += seconds
@@ -83,7 +101,7 @@ class TrainWindow:
         """The log call that follows a flush runs in the next window's wall time."""
         self.log_seconds += seconds
 
-    def add(self, result: StepResult) -> None:
+    def add(self, result: StepRecord) -> None:
         self.steps += 1
         self.segments += result.segments
         self.tokens += result.tokens
