@@ -21,22 +21,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import textwrap
-from collections.abc import Callable
 
 import torch
-from bench_common import log, machine_info, parse_with_quick, write_json
-from bench_learning import Clock, CurvePoint, LearningRow, table
+from bench_common import log, parse_with_quick
+from bench_learning import (
+    TEST_SEED,
+    LearningRow,
+    Log,
+    as_tensors,
+    learning_curve,
+    learning_row,
+    report,
+    training_batches,
+)
 
-from memory_models.architectures import TokenModel, model_config
+from memory_models.architectures import model_config
 from memory_models.registry import REGISTRY
 from pipelines.data import tasks
 from pipelines.data.config import Seq2SeqMQARTask
 from pipelines.data.tasks.seq2seq import as_decoder_only
-from pipelines.train.loop import TrainingModule, evaluate, lr_schedule, train_batch
 
 QUICK = {"steps": 40, "eval_every": 20, "eval_examples": 64, "budget_s": 20.0}
-TEST_SEED = 0  # the held-out set; training batches use seeds from 1 upwards
 NOTE = (
     "accuracy = share of questions (one per key) whose value is predicted exactly, on "
     "{eval_examples} held-out rows, at the last evaluation; chance = 1 / {values} possible "
@@ -47,8 +52,6 @@ NOTE = (
     "cpu s = process CPU time with {threads} torch thread(s); wall s can be longer on a shared "
     "machine. to target = steps to the first evaluation at or above {target:.0%}."
 )
-
-Log = Callable[[str], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +95,7 @@ class Contender:
     def rows(self, batch: dict) -> dict[str, torch.Tensor]:
         if self.architecture != "encoder_decoder":
             batch = as_decoder_only(batch)
-        return {name: torch.as_tensor(column) for name, column in batch.items()}
+        return as_tensors(batch)
 
 
 def recall_task(settings: Settings) -> Seq2SeqMQARTask:
@@ -105,64 +108,12 @@ def learn(contender: Contender, settings: Settings, log: Log) -> LearningRow:
     task = recall_task(settings)
     held_out = contender.rows(tasks.generate(task, settings.eval_examples, TEST_SEED))
     model = model_config(contender.config(settings)).build()
-    module = TrainingModule(model)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=0.01)
-    scheduler = lr_schedule(optimizer, settings.warmup_steps, settings.steps, "cosine")
-    curve: list[CurvePoint] = []
-    clock = Clock()
-    for step in range(1, settings.steps + 1):
-        seed = settings.seed * 1_000_003 + step
-        batch = contender.rows(tasks.generate(task, settings.batch_size, seed))
-        result = train_batch(module, batch, optimizer, scheduler, grad_clip=1.0)
-        over_budget = clock.cpu() >= settings.budget_s
-        if step % settings.eval_every and step != settings.steps and not over_budget:
-            continue
-        curve.append(_point(step, model, held_out, clock, log))
-        if curve[-1].accuracy >= settings.target or over_budget:
-            break
-    return _row(contender, model, settings, curve, result.state_bytes_per_sequence)
-
-
-def _point(step: int, model: TokenModel, held_out: dict, clock: Clock, log: Log) -> CurvePoint:
-    metrics = evaluate(model, [held_out], task_kind="seq2seq_mqar")
-    point = CurvePoint(step, clock.cpu(), clock.wall(), metrics["accuracy"], metrics["loss"])
-    log(
-        f"  step {step:5d}  cpu {point.cpu_seconds:6.1f} s  wall {point.wall_seconds:6.1f} s  "
-        f"loss {point.loss:.3f}  accuracy {point.accuracy:.3f}"
+    batches = training_batches(task, settings, contender.rows)
+    curve, state_bytes = learning_curve(
+        model, batches, held_out, "seq2seq_mqar", settings, "cosine", log
     )
-    return point
-
-
-def _row(
-    contender: Contender,
-    model: TokenModel,
-    settings: Settings,
-    curve: list[CurvePoint],
-    state_bytes: int,
-) -> LearningRow:
-    reached = next((p for p in curve if p.accuracy >= settings.target), None)
-    last = curve[-1]
-    if last.accuracy >= settings.target:
-        stopped_by = "target"
-    elif last.cpu_seconds >= settings.budget_s:
-        stopped_by = "budget"
-    else:
-        stopped_by = "steps"
-    return LearningRow(
-        kind=contender.label,
-        accuracy=last.accuracy,
-        best_accuracy=max(p.accuracy for p in curve),
-        chance=1.0 / (settings.vocab_size - settings.vocab_size // 2),
-        steps=last.step,
-        cpu_seconds=last.cpu_seconds,
-        wall_seconds=last.wall_seconds,
-        steps_to_target=reached.step if reached else None,
-        cpu_seconds_to_target=reached.cpu_seconds if reached else None,
-        stopped_by=stopped_by,
-        parameters=model.num_parameters(),
-        state_bytes_per_sequence=state_bytes,
-        curve=curve,
-    )
+    chance = 1.0 / (settings.vocab_size - settings.vocab_size // 2)
+    return learning_row(contender.label, model, settings, curve, chance, state_bytes)
 
 
 def contenders(args: argparse.Namespace) -> list[Contender]:
@@ -220,17 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         target=settings.target,
     )
-    log("")
-    log(table(rows))
-    log(textwrap.fill(note, width=100))
-    payload = {
-        "machine": machine_info(torch=torch.__version__, torch_threads=torch.get_num_threads()),
-        "settings": dataclasses.asdict(settings),
-        "contenders": [dataclasses.asdict(c) for c in todo],
-        "note": note,
-        "results": [dataclasses.asdict(row) for row in rows],
-    }
-    log(f"wrote {write_json(args.output, payload)}")
+    contenders_data = [dataclasses.asdict(c) for c in todo]
+    report(rows, note, settings, args.output, contenders=contenders_data)
 
 
 if __name__ == "__main__":
