@@ -23,7 +23,7 @@ import dataclasses
 import sys
 
 import torch
-from bench_common import log, parse_with_quick
+from bench_common import from_args, log, parse_with_quick
 from bench_learning import (
     TEST_SEED,
     LearningRow,
@@ -157,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+    settings = from_args(Settings, args)
     log(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {settings}")
     rows = []
     todo = contenders(args)

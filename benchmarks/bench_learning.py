@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import torch
-from bench_common import format_table, log, machine_info, parse_with_quick, write_json
+from bench_common import format_table, from_args, log, machine_info, parse_with_quick, write_json
 
 from memory_models.architectures import TokenModel
 from memory_models.model import SequenceModel, SequenceModelConfig
@@ -299,14 +299,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_with_quick(parser, argv, QUICK)
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = settings_from(args)
+    settings = from_args(Settings, args)
     kinds = args.kinds or list(REGISTRY)
     log(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {settings}")
     rows = []
