@@ -23,11 +23,12 @@ import dataclasses
 import sys
 
 import torch
-from bench_common import from_args, log, parse_with_quick
+from bench_common import from_args, log, parse_with_quick, run_each
 from bench_learning import (
     TEST_SEED,
     LearningRow,
     Log,
+    add_learning_options,
     as_tensors,
     learning_curve,
     learning_row,
@@ -129,18 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab-size", type=int, default=256)
     parser.add_argument("--num-kv-pairs", type=int, default=8)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--n-layers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup-steps", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=2000, help="most training steps")
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--eval-examples", type=int, default=512, help="held-out rows")
-    parser.add_argument("--target", type=float, default=0.95, help="stop at this accuracy")
-    parser.add_argument("--budget-s", type=float, default=120.0, help="CPU seconds per model")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    add_learning_options(parser, steps=2000, budget_s=120.0, output="encdec_learning.json")
     parser.add_argument("--decoder-kind", default="attention", choices=list(REGISTRY))
     parser.add_argument(
         "--memory-sizes",
@@ -149,8 +139,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cross memory slots of the encdec rows: integers, or none for every position",
     )
     parser.add_argument("--kinds", nargs="*", default=["attention", "gru"], choices=list(REGISTRY))
-    parser.add_argument("--quick", action="store_true", help="a few steps, for a smoke run")
-    parser.add_argument("--output", default="encdec_learning.json", help="in benchmarks/results/")
     return parse_with_quick(parser, argv, QUICK)
 
 
@@ -159,11 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     settings = from_args(Settings, args)
     log(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {settings}")
-    rows = []
     todo = contenders(args)
-    for index, contender in enumerate(todo, start=1):
-        log(f"[{index}/{len(todo)}] {contender.label}")
-        rows.append(learn(contender, settings, log))
+    rows = run_each(todo, lambda contender: learn(contender, settings, log), lambda c: c.label)
     note = NOTE.format(
         eval_examples=settings.eval_examples,
         values=settings.vocab_size - settings.vocab_size // 2,

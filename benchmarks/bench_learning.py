@@ -30,7 +30,15 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import torch
-from bench_common import format_table, from_args, log, machine_info, parse_with_quick, write_json
+from bench_common import (
+    format_table,
+    from_args,
+    log,
+    machine_info,
+    parse_with_quick,
+    run_each,
+    write_json,
+)
 
 from memory_models.architectures import TokenModel
 from memory_models.model import SequenceModel, SequenceModelConfig
@@ -278,25 +286,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--num-kv-pairs", type=int, default=4)
+    parser.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    add_learning_options(parser, steps=3000, budget_s=90.0, output="learning.json")
+    parser.add_argument("--kinds", nargs="+", choices=list(REGISTRY), help="default: all")
+    return parse_with_quick(parser, argv, QUICK)
+
+
+def add_learning_options(
+    parser: argparse.ArgumentParser, *, steps: int, budget_s: float, output: str
+) -> None:
+    """The model size and the `Limits` of `learning_curve`, and the threads, `--quick` and the
+    results file: the options every learning benchmark has."""
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-layers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
-    parser.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    parser.add_argument("--steps", type=int, default=3000, help="most training steps")
+    parser.add_argument("--steps", type=int, default=steps, help="most training steps")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-examples", type=int, default=512, help="held-out rows")
     parser.add_argument("--target", type=float, default=0.95, help="stop at this accuracy")
     parser.add_argument(
-        "--budget-s", type=float, default=90.0, help="CPU seconds per mechanism (process time)"
+        "--budget-s", type=float, default=budget_s, help="CPU seconds per model (process time)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--kinds", nargs="+", choices=list(REGISTRY), help="default: all")
     parser.add_argument("--quick", action="store_true", help="a few steps, for a smoke run")
-    parser.add_argument("--output", default="learning.json", help="file in benchmarks/results/")
-    return parse_with_quick(parser, argv, QUICK)
+    parser.add_argument("--output", default=output, help="file in benchmarks/results/")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -305,10 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = from_args(Settings, args)
     kinds = args.kinds or list(REGISTRY)
     log(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {settings}")
-    rows = []
-    for index, kind in enumerate(kinds, start=1):
-        log(f"[{index}/{len(kinds)}] {kind}")
-        rows.append(learn(kind, settings, log))
+    rows = run_each(kinds, lambda kind: learn(kind, settings, log))
     values = settings.vocab_size - settings.vocab_size // 2
     note = NOTE.format(
         eval_examples=settings.eval_examples,
