@@ -27,6 +27,7 @@ from bench_common import from_args, log, parse_with_quick, run_each
 from bench_learning import (
     TEST_SEED,
     LearningRow,
+    Limits,
     Log,
     add_learning_options,
     as_tensors,
@@ -56,20 +57,9 @@ NOTE = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class Settings(Limits):
     vocab_size: int
     num_kv_pairs: int
-    d_model: int
-    n_layers: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
-    steps: int
-    eval_every: int
-    eval_examples: int
-    target: float
-    budget_s: float
-    seed: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from bench_common import (
@@ -64,36 +64,30 @@ Log = Callable[[str], None]
 Tensors = dict[str, torch.Tensor]
 
 
-class Limits(Protocol):
-    """What the shared training loop reads of a learning benchmark's settings."""
-
-    batch_size: int
-    lr: float
-    warmup_steps: int
-    steps: int
-    eval_every: int
-    target: float
-    budget_s: float
-    seed: int
-
-
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    vocab_size: int
-    seq_len: int
-    num_kv_pairs: int
+class Limits:
+    """The settings every learning benchmark has (`add_learning_options`): the model's size and
+    the limits of the shared loop (`learning_curve`); a benchmark's `Settings` adds its task's."""
+
     d_model: int
     n_layers: int
     batch_size: int
     lr: float
     warmup_steps: int
-    schedule: str
     steps: int
     eval_every: int
     eval_examples: int
     target: float
     budget_s: float
     seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(Limits):
+    vocab_size: int
+    seq_len: int
+    num_kv_pairs: int
+    schedule: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,8 +289,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def add_learning_options(
     parser: argparse.ArgumentParser, *, steps: int, budget_s: float, output: str
 ) -> None:
-    """The model size and the `Limits` of `learning_curve`, and the threads, `--quick` and the
-    results file: the options every learning benchmark has."""
+    """The options of `Limits`, the threads, `--quick` and the results file: the options every
+    learning benchmark has."""
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-layers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
