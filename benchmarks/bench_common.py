@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+D = TypeVar("D")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -132,6 +133,11 @@ def parse_with_quick(
         parser.set_defaults(**quick)
         args = parser.parse_args(argv)
     return args
+
+
+def from_args(cls: type[D], args: argparse.Namespace) -> D:
+    """The dataclass `cls` (a benchmark's settings) from the parsed options of the same names."""
+    return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
 
 
 def log(message: str) -> None:

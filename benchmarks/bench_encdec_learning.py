@@ -21,22 +21,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import textwrap
-from collections.abc import Callable
 
 import torch
-from bench_common import log, machine_info, parse_with_quick, write_json
-from bench_learning import Clock, CurvePoint, LearningRow, table
+from bench_common import from_args, log, parse_with_quick, run_each
+from bench_learning import (
+    TEST_SEED,
+    LearningRow,
+    Limits,
+    Log,
+    add_learning_options,
+    as_tensors,
+    learning_curve,
+    learning_row,
+    report,
+    training_batches,
+)
 
-from memory_models.architectures import TokenModel, model_config
+from memory_models.architectures import model_config
 from memory_models.registry import REGISTRY
 from pipelines.data import tasks
 from pipelines.data.config import Seq2SeqMQARTask
 from pipelines.data.tasks.seq2seq import as_decoder_only
-from pipelines.train.loop import TrainingModule, evaluate, lr_schedule, train_batch
 
 QUICK = {"steps": 40, "eval_every": 20, "eval_examples": 64, "budget_s": 20.0}
-TEST_SEED = 0  # the held-out set; training batches use seeds from 1 upwards
 NOTE = (
     "accuracy = share of questions (one per key) whose value is predicted exactly, on "
     "{eval_examples} held-out rows, at the last evaluation; chance = 1 / {values} possible "
@@ -48,24 +55,11 @@ NOTE = (
     "machine. to target = steps to the first evaluation at or above {target:.0%}."
 )
 
-Log = Callable[[str], None]
-
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class Settings(Limits):
     vocab_size: int
     num_kv_pairs: int
-    d_model: int
-    n_layers: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
-    steps: int
-    eval_every: int
-    eval_examples: int
-    target: float
-    budget_s: float
-    seed: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +86,7 @@ class Contender:
     def rows(self, batch: dict) -> dict[str, torch.Tensor]:
         if self.architecture != "encoder_decoder":
             batch = as_decoder_only(batch)
-        return {name: torch.as_tensor(column) for name, column in batch.items()}
+        return as_tensors(batch)
 
 
 def recall_task(settings: Settings) -> Seq2SeqMQARTask:
@@ -105,64 +99,12 @@ def learn(contender: Contender, settings: Settings, log: Log) -> LearningRow:
     task = recall_task(settings)
     held_out = contender.rows(tasks.generate(task, settings.eval_examples, TEST_SEED))
     model = model_config(contender.config(settings)).build()
-    module = TrainingModule(model)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=0.01)
-    scheduler = lr_schedule(optimizer, settings.warmup_steps, settings.steps, "cosine")
-    curve: list[CurvePoint] = []
-    clock = Clock()
-    for step in range(1, settings.steps + 1):
-        seed = settings.seed * 1_000_003 + step
-        batch = contender.rows(tasks.generate(task, settings.batch_size, seed))
-        result = train_batch(module, batch, optimizer, scheduler, grad_clip=1.0)
-        over_budget = clock.cpu() >= settings.budget_s
-        if step % settings.eval_every and step != settings.steps and not over_budget:
-            continue
-        curve.append(_point(step, model, held_out, clock, log))
-        if curve[-1].accuracy >= settings.target or over_budget:
-            break
-    return _row(contender, model, settings, curve, result.state_bytes_per_sequence)
-
-
-def _point(step: int, model: TokenModel, held_out: dict, clock: Clock, log: Log) -> CurvePoint:
-    metrics = evaluate(model, [held_out], task_kind="seq2seq_mqar")
-    point = CurvePoint(step, clock.cpu(), clock.wall(), metrics["accuracy"], metrics["loss"])
-    log(
-        f"  step {step:5d}  cpu {point.cpu_seconds:6.1f} s  wall {point.wall_seconds:6.1f} s  "
-        f"loss {point.loss:.3f}  accuracy {point.accuracy:.3f}"
+    batches = training_batches(task, settings, contender.rows)
+    curve, state_bytes = learning_curve(
+        model, batches, held_out, "seq2seq_mqar", settings, "cosine", log
     )
-    return point
-
-
-def _row(
-    contender: Contender,
-    model: TokenModel,
-    settings: Settings,
-    curve: list[CurvePoint],
-    state_bytes: int,
-) -> LearningRow:
-    reached = next((p for p in curve if p.accuracy >= settings.target), None)
-    last = curve[-1]
-    if last.accuracy >= settings.target:
-        stopped_by = "target"
-    elif last.cpu_seconds >= settings.budget_s:
-        stopped_by = "budget"
-    else:
-        stopped_by = "steps"
-    return LearningRow(
-        kind=contender.label,
-        accuracy=last.accuracy,
-        best_accuracy=max(p.accuracy for p in curve),
-        chance=1.0 / (settings.vocab_size - settings.vocab_size // 2),
-        steps=last.step,
-        cpu_seconds=last.cpu_seconds,
-        wall_seconds=last.wall_seconds,
-        steps_to_target=reached.step if reached else None,
-        cpu_seconds_to_target=reached.cpu_seconds if reached else None,
-        stopped_by=stopped_by,
-        parameters=model.num_parameters(),
-        state_bytes_per_sequence=state_bytes,
-        curve=curve,
-    )
+    chance = 1.0 / (settings.vocab_size - settings.vocab_size // 2)
+    return learning_row(contender.label, model, settings, curve, chance, state_bytes)
 
 
 def contenders(args: argparse.Namespace) -> list[Contender]:
@@ -178,18 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab-size", type=int, default=256)
     parser.add_argument("--num-kv-pairs", type=int, default=8)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--n-layers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup-steps", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=2000, help="most training steps")
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--eval-examples", type=int, default=512, help="held-out rows")
-    parser.add_argument("--target", type=float, default=0.95, help="stop at this accuracy")
-    parser.add_argument("--budget-s", type=float, default=120.0, help="CPU seconds per model")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    add_learning_options(parser, steps=2000, budget_s=120.0, output="encdec_learning.json")
     parser.add_argument("--decoder-kind", default="attention", choices=list(REGISTRY))
     parser.add_argument(
         "--memory-sizes",
@@ -198,21 +129,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cross memory slots of the encdec rows: integers, or none for every position",
     )
     parser.add_argument("--kinds", nargs="*", default=["attention", "gru"], choices=list(REGISTRY))
-    parser.add_argument("--quick", action="store_true", help="a few steps, for a smoke run")
-    parser.add_argument("--output", default="encdec_learning.json", help="in benchmarks/results/")
     return parse_with_quick(parser, argv, QUICK)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+    settings = from_args(Settings, args)
     log(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {settings}")
-    rows = []
     todo = contenders(args)
-    for index, contender in enumerate(todo, start=1):
-        log(f"[{index}/{len(todo)}] {contender.label}")
-        rows.append(learn(contender, settings, log))
+    rows = run_each(todo, lambda contender: learn(contender, settings, log), lambda c: c.label)
     note = NOTE.format(
         eval_examples=settings.eval_examples,
         values=settings.vocab_size - settings.vocab_size // 2,
@@ -220,17 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         target=settings.target,
     )
-    log("")
-    log(table(rows))
-    log(textwrap.fill(note, width=100))
-    payload = {
-        "machine": machine_info(torch=torch.__version__, torch_threads=torch.get_num_threads()),
-        "settings": dataclasses.asdict(settings),
-        "contenders": [dataclasses.asdict(c) for c in todo],
-        "note": note,
-        "results": [dataclasses.asdict(row) for row in rows],
-    }
-    log(f"wrote {write_json(args.output, payload)}")
+    contenders_data = [dataclasses.asdict(c) for c in todo]
+    report(rows, note, settings, args.output, contenders=contenders_data)
 
 
 if __name__ == "__main__":

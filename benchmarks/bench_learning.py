@@ -26,11 +26,21 @@ import dataclasses
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
-from bench_common import format_table, log, machine_info, parse_with_quick, write_json
+from bench_common import (
+    format_table,
+    from_args,
+    log,
+    machine_info,
+    parse_with_quick,
+    run_each,
+    write_json,
+)
 
+from memory_models.architectures import TokenModel
 from memory_models.model import SequenceModel, SequenceModelConfig
 from memory_models.registry import REGISTRY, memory_config
 from pipelines.data import tasks
@@ -51,25 +61,33 @@ NOTE = (
 )
 
 Log = Callable[[str], None]
+Tensors = dict[str, torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    vocab_size: int
-    seq_len: int
-    num_kv_pairs: int
+class Limits:
+    """The settings every learning benchmark has (`add_learning_options`): the model's size and
+    the limits of the shared loop (`learning_curve`); a benchmark's `Settings` adds its task's."""
+
     d_model: int
     n_layers: int
     batch_size: int
     lr: float
     warmup_steps: int
-    schedule: str
     steps: int
     eval_every: int
     eval_examples: int
     target: float
     budget_s: float
     seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(Limits):
+    vocab_size: int
+    seq_len: int
+    num_kv_pairs: int
+    schedule: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,46 +136,64 @@ def build_model(kind: str, settings: Settings) -> SequenceModel:
     return config.build()
 
 
-def as_batch(task: MQARTask, rows: int, seed: int) -> dict[str, torch.Tensor]:
-    return {
-        name: torch.as_tensor(column) for name, column in tasks.generate(task, rows, seed).items()
-    }
+def as_tensors(batch: dict[str, Any]) -> Tensors:
+    return {name: torch.as_tensor(column) for name, column in batch.items()}
 
 
-def training_batches(task: MQARTask, settings: Settings) -> Iterator[dict[str, torch.Tensor]]:
+def training_batches(
+    task: Any, settings: Limits, to_tensors: Callable[[dict], Tensors] = as_tensors
+) -> Iterator[Tensors]:
     """A fresh batch per step, seeded by the step: every run sees the same stream."""
     for step in range(settings.steps):
-        yield as_batch(task, settings.batch_size, settings.seed * 1_000_003 + 1 + step)
+        seed = settings.seed * 1_000_003 + 1 + step
+        yield to_tensors(tasks.generate(task, settings.batch_size, seed))
 
 
-def score(model: SequenceModel, held_out: dict[str, torch.Tensor]) -> dict[str, float]:
+def score(model: TokenModel, held_out: Tensors, task_kind: str) -> dict[str, float]:
     rows = held_out["inputs"].shape[0]
     chunks = [{k: v[i : i + 256] for k, v in held_out.items()} for i in range(0, rows, 256)]
-    return evaluate(model, chunks, segment_len=None, task_kind="mqar")
+    return evaluate(model, chunks, segment_len=None, task_kind=task_kind)
 
 
 def learn(kind: str, settings: Settings, log: Log) -> LearningRow:
     """Train `kind` until the target accuracy, the step limit or the CPU budget."""
     torch.manual_seed(settings.seed)
     task = recall_task(settings)
-    held_out = as_batch(task, settings.eval_examples, TEST_SEED)
+    held_out = as_tensors(tasks.generate(task, settings.eval_examples, TEST_SEED))
     model = build_model(kind, settings)
+    curve, state_bytes = learning_curve(
+        model, training_batches(task, settings), held_out, "mqar", settings, settings.schedule, log
+    )
+    return learning_row(kind, model, settings, curve, chance(task), state_bytes)
+
+
+def learning_curve(
+    model: TokenModel,
+    batches: Iterable[Tensors],
+    held_out: Tensors,
+    task_kind: str,
+    settings: Limits,
+    schedule: str,
+    log: Log,
+) -> tuple[list[CurvePoint], int]:
+    """Train `model` on `batches` (one per step, AdamW with warmup and `schedule`), scoring
+    `held_out` every `eval_every` steps, until the target accuracy, the step limit or the CPU
+    budget. Returns the evaluations and the state bytes per sequence of the last step."""
     module = TrainingModule(model)
     optimizer = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=0.01)
-    scheduler = lr_schedule(optimizer, settings.warmup_steps, settings.steps, settings.schedule)
+    scheduler = lr_schedule(optimizer, settings.warmup_steps, settings.steps, schedule)
     curve: list[CurvePoint] = []
     clock = Clock()
-    for step, batch in enumerate(training_batches(task, settings), start=1):
+    for step, batch in enumerate(batches, start=1):
         result = train_batch(module, batch, optimizer, scheduler, segment_len=None, grad_clip=1.0)
         # The budget is checked every step: a slow mechanism must not overrun it by eval_every.
         over_budget = clock.cpu() >= settings.budget_s
         if step % settings.eval_every and step != settings.steps and not over_budget:
             continue
-        curve.append(_point(step, model, held_out, clock, log))
+        curve.append(_point(step, score(model, held_out, task_kind), clock, log))
         if curve[-1].accuracy >= settings.target or over_budget:
             break
-    stopped_by = _stop_reason(curve[-1], settings)
-    return _row(kind, model, task, settings, curve, stopped_by, result.state_bytes_per_sequence)
+    return curve, result.state_bytes_per_sequence
 
 
 class Clock:
@@ -173,10 +209,7 @@ class Clock:
         return time.perf_counter() - self.wall_start
 
 
-def _point(
-    step: int, model: SequenceModel, held_out: dict[str, torch.Tensor], clock: Clock, log: Log
-) -> CurvePoint:
-    metrics = score(model, held_out)
+def _point(step: int, metrics: dict[str, float], clock: Clock, log: Log) -> CurvePoint:
     point = CurvePoint(step, clock.cpu(), clock.wall(), metrics["accuracy"], metrics["loss"])
     log(
         f"  step {step:5d}  cpu {point.cpu_seconds:6.1f} s  wall {point.wall_seconds:6.1f} s  "
@@ -185,7 +218,7 @@ def _point(
     return point
 
 
-def _stop_reason(point: CurvePoint, settings: Settings) -> str:
+def _stop_reason(point: CurvePoint, settings: Limits) -> str:
     if point.accuracy >= settings.target:
         return "target"
     if point.cpu_seconds >= settings.budget_s:
@@ -193,27 +226,27 @@ def _stop_reason(point: CurvePoint, settings: Settings) -> str:
     return "steps"
 
 
-def _row(
+def learning_row(
     kind: str,
-    model: SequenceModel,
-    task: MQARTask,
-    settings: Settings,
+    model: TokenModel,
+    settings: Limits,
     curve: list[CurvePoint],
-    stopped_by: str,
+    chance: float,
     state_bytes: int,
 ) -> LearningRow:
+    """The table row of one trained model: where its curve ended, and when it reached target."""
     reached = next((p for p in curve if p.accuracy >= settings.target), None)
     return LearningRow(
         kind=kind,
         accuracy=curve[-1].accuracy,
         best_accuracy=max(p.accuracy for p in curve),
-        chance=chance(task),
+        chance=chance,
         steps=curve[-1].step,
         cpu_seconds=curve[-1].cpu_seconds,
         wall_seconds=curve[-1].wall_seconds,
         steps_to_target=reached.step if reached else None,
         cpu_seconds_to_target=reached.cpu_seconds if reached else None,
-        stopped_by=stopped_by,
+        stopped_by=_stop_reason(curve[-1], settings),
         parameters=model.num_parameters(),
         state_bytes_per_sequence=state_bytes,
         curve=curve,
@@ -247,41 +280,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--num-kv-pairs", type=int, default=4)
+    parser.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    add_learning_options(parser, steps=3000, budget_s=90.0, output="learning.json")
+    parser.add_argument("--kinds", nargs="+", choices=list(REGISTRY), help="default: all")
+    return parse_with_quick(parser, argv, QUICK)
+
+
+def add_learning_options(
+    parser: argparse.ArgumentParser, *, steps: int, budget_s: float, output: str
+) -> None:
+    """The options of `Limits`, the threads, `--quick` and the results file: the options every
+    learning benchmark has."""
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-layers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
-    parser.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    parser.add_argument("--steps", type=int, default=3000, help="most training steps")
+    parser.add_argument("--steps", type=int, default=steps, help="most training steps")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-examples", type=int, default=512, help="held-out rows")
     parser.add_argument("--target", type=float, default=0.95, help="stop at this accuracy")
     parser.add_argument(
-        "--budget-s", type=float, default=90.0, help="CPU seconds per mechanism (process time)"
+        "--budget-s", type=float, default=budget_s, help="CPU seconds per model (process time)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--kinds", nargs="+", choices=list(REGISTRY), help="default: all")
     parser.add_argument("--quick", action="store_true", help="a few steps, for a smoke run")
-    parser.add_argument("--output", default="learning.json", help="file in benchmarks/results/")
-    return parse_with_quick(parser, argv, QUICK)
-
-
-def settings_from(args: argparse.Namespace) -> Settings:
-    return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+    parser.add_argument("--output", default=output, help="file in benchmarks/results/")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = settings_from(args)
+    settings = from_args(Settings, args)
     kinds = args.kinds or list(REGISTRY)
     log(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {settings}")
-    rows = []
-    for index, kind in enumerate(kinds, start=1):
-        log(f"[{index}/{len(kinds)}] {kind}")
-        rows.append(learn(kind, settings, log))
+    rows = run_each(kinds, lambda kind: learn(kind, settings, log))
     values = settings.vocab_size - settings.vocab_size // 2
     note = NOTE.format(
         eval_examples=settings.eval_examples,
@@ -291,16 +325,23 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         target=settings.target,
     )
+    report(rows, note, settings, args.output)
+
+
+def report(rows: list[LearningRow], note: str, settings: Any, output: str, **extra: Any) -> None:
+    """Log the table and its note, and write them with the machine and `settings` to `output`
+    in benchmarks/results/ (`extra` entries go after the settings)."""
     log("")
     log(table(rows))
     log(textwrap.fill(note, width=100))
     payload = {
         "machine": machine_info(torch=torch.__version__, torch_threads=torch.get_num_threads()),
         "settings": dataclasses.asdict(settings),
+        **extra,
         "note": note,
         "results": [dataclasses.asdict(row) for row in rows],
     }
-    log(f"wrote {write_json(args.output, payload)}")
+    log(f"wrote {write_json(output, payload)}")
 
 
 if __name__ == "__main__":

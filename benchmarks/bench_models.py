@@ -32,6 +32,7 @@ import torch
 from bench_common import (
     add_timing_options,
     format_table,
+    from_args,
     log,
     machine_info,
     median_seconds,
@@ -293,14 +294,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def sizes_from(args: argparse.Namespace) -> Sizes:
-    return Sizes(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Sizes)})
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    sizes = sizes_from(args)
+    sizes = from_args(Sizes, args)
     kinds = args.kinds or list(REGISTRY)
     log(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) on both sides; {sizes}")
     rows = run_each(kinds, lambda kind: measure_kind(kind, sizes, log))

@@ -39,6 +39,7 @@ import torch
 from bench_common import (
     RESULTS_DIR,
     format_table,
+    from_args,
     log,
     machine_info,
     median_seconds,
@@ -511,7 +512,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    sizes = Sizes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes)})
+    sizes = from_args(Sizes, args)
     log(f"torch {torch.__version__}; {sizes}")
     started = time.perf_counter()
     results = run_all(sizes, args.port, log)

@@ -51,7 +51,7 @@ from pathlib import Path
 import ray
 import ray.train
 import torch
-from bench_common import format_table, log, machine_info, parse_with_quick, write_json
+from bench_common import format_table, from_args, log, machine_info, parse_with_quick, write_json
 from flops import device_error, peak_tflops, training_flops_per_token
 from mlflow.tracking import MlflowClient
 from process_cpu import TreeSampler
@@ -568,13 +568,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def sizes_from(args: argparse.Namespace) -> Sizes:
-    return Sizes(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Sizes)})
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    sizes = sizes_from(args)
+    sizes = from_args(Sizes, args)
     torch.set_num_threads(sizes.threads)
     started = time.perf_counter()
     worker = start_ray(sizes.threads)

@@ -14,7 +14,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import pytest
 import requests
 import yaml
 from mlflow.tracking import MlflowClient
+from net_helpers import free_port
 from typer.testing import CliRunner
 
 from pipelines import submit as jobs
@@ -48,12 +48,6 @@ TINY = (
     "data.num_test_examples=32",
     "train.max_eval_batches=1",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _flat(text: str) -> str:
@@ -134,7 +128,7 @@ def test_credentials_and_local_tracking_files_do_not_travel_to_a_remote_cluster(
 
 @pytest.mark.timeout(60)
 def test_an_unreachable_address_is_a_clear_error():
-    result = CliRunner().invoke(app, ["jobs", "list", "--address", f"127.0.0.1:{_free_port()}"])
+    result = CliRunner().invoke(app, ["jobs", "list", "--address", f"127.0.0.1:{free_port()}"])
     assert result.exit_code == 1
     assert "cannot reach the Ray Jobs API" in _flat(result.output)
 
@@ -349,7 +343,7 @@ def _start_head(root: Path, token_path: Path) -> tuple[subprocess.Popen, Head]:
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     for attempt in (1, 2):
-        dashboard, gcs, log = _free_port(), _free_port(), root / f"head-{attempt}.log"
+        dashboard, gcs, log = free_port(), free_port(), root / f"head-{attempt}.log"
         with log.open("w") as out:
             process = subprocess.Popen(
                 _head_command(root, dashboard, gcs), env=env, stdout=out,
@@ -367,13 +361,13 @@ def _head_command(root: Path, dashboard: int, gcs: int) -> list[str]:
     ports = {
         "--port": gcs,
         "--dashboard-port": dashboard,
-        "--ray-client-server-port": _free_port(),
-        "--dashboard-agent-listen-port": _free_port(),
-        "--dashboard-agent-grpc-port": _free_port(),
-        "--node-manager-port": _free_port(),
-        "--object-manager-port": _free_port(),
-        "--metrics-export-port": _free_port(),
-        "--runtime-env-agent-port": _free_port(),
+        "--ray-client-server-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
     }
     return [
         str(VENV_BIN / "ray"), "start", "--head", "--block",
@@ -404,7 +398,7 @@ def _came_up(head: Head, process: subprocess.Popen, timeout_s: float = 150) -> b
 def mlflow_server(tmp_path_factory) -> Iterator[str]:
     """A real tracking server from cluster/mlflow-server.sh: SQLite in tmp, loopback (default)."""
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     env = os.environ | {
         "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{root / 'mlflow.db'}",
         "MLFLOW_ARTIFACTS_DESTINATION": str(root / "artifacts"),
@@ -620,7 +614,7 @@ def test_serve_deploy_takes_the_key_from_a_file_and_refuses_an_open_port_without
     key_file = tmp_path / "api_key"
     key_file.write_text(secrets.token_hex(16))
     key_file.chmod(0o600)
-    port = _free_port()
+    port = free_port()
     env = _ray_cli_env(ray_head)
     serve_cli = [str(VENV_BIN / "serve")]
 

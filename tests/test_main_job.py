@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from net_helpers import free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.ray
@@ -37,7 +31,7 @@ def test_memlab_run_goes_from_data_to_a_served_session(tmp_path: Path):
         "--threshold",
         "0.0",
         "--port",
-        str(_free_port()),
+        str(free_port()),
         "--ray-address",
         "local",  # a private Ray, like a new user's, even beside the test session's own
         "train.epochs=1",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from net_helpers import free_port
 from pydantic import ValidationError
 from ray.serve import Application
 
@@ -186,12 +186,6 @@ def test_batched_steps_equal_one_at_a_time_and_survive_encoding(kind):
 # One real Serve application for the rest of the file (module fixture `server`).
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ray_local, tmp_path_factory):
     from ray import serve
@@ -221,7 +215,7 @@ def server(ray_local, tmp_path_factory):
             replica_cpus=0.5,
         ),
     )
-    url = start_local(args, port=_free_port(), name=APP)
+    url = start_local(args, port=free_port(), name=APP)
     reference = load_served_model(published.champion_uri, tracking)
     yield url, published, reference.model, args
     stop_local(APP)
@@ -835,7 +829,7 @@ def test_sigterm_stops_memlab_serve_and_everything_it_started(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     save_checkpoint(tmp_path / "model", model, optimizer, scheduler, Position(), config)
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "-m", "pipelines.cli", "serve", "--model-uri", str(tmp_path / "model"),
         "--port", str(port), "--ray-address", "local", "--max-replicas", "1",

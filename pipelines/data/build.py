@@ -229,12 +229,11 @@ def _write_synthetic(config: DataConfig, scratch: Path, say: Progress) -> int:
     ]
     for split in splits:
         (scratch / split).mkdir(parents=True)
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    dataset = _task_per_item(
+        items,
         _write_chunk,
-        batch_size=1,
-        num_cpus=_TASK_CPUS,
-        compute=ray.data.TaskPoolStrategy(size=min(len(items), config.blocks or _cluster_cpus())),
-        fn_kwargs={
+        config.blocks,
+        {
             "tasks": {split: spec.model_dump(mode="json") for split, (spec, _) in splits.items()},
             "chunks": {split: chunks for split, (_, chunks) in splits.items()},
             "seed": config.seed,
@@ -324,6 +323,24 @@ def _follow(dataset: ray.data.Dataset, totals: dict[str, int], say: Progress) ->
         say(f"rows written: {done} ({rate:,.0f} examples/s)")
 
 
+def _task_per_item(
+    items: list[dict[str, Any]],
+    write: Callable[..., Any],
+    blocks: int | None,
+    fn_kwargs: dict[str, Any],
+) -> ray.data.Dataset:
+    """A lazy dataset that calls `write(batch_of_one_item, **fn_kwargs)` once per item, one item
+    per block, at most `blocks` tasks at a time (default: the cluster's CPUs), each asking for
+    `_TASK_CPUS`."""
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        write,
+        batch_size=1,
+        num_cpus=_TASK_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=min(len(items), blocks or _cluster_cpus())),
+        fn_kwargs=fn_kwargs,
+    )
+
+
 def _cluster_cpus() -> int:
     """Logical CPUs of the Ray cluster: more tasks at once would only start more processes."""
     if ray.is_initialized():
@@ -344,12 +361,8 @@ def _write_text(config: DataConfig, corpus: Corpus, scratch: Path, say: Progress
             for index, (first, piece) in enumerate(pieces)
         ]
         (scratch / split).mkdir(parents=True)
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _text_block,
-        batch_size=1,
-        num_cpus=_TASK_CPUS,
-        compute=ray.data.TaskPoolStrategy(size=min(len(items), config.blocks or _cluster_cpus())),
-        fn_kwargs={"stream_len": task.stream_len, "folder": str(scratch)},
+    dataset = _task_per_item(
+        items, _text_block, config.blocks, {"stream_len": task.stream_len, "folder": str(scratch)}
     )
     _follow(dataset, totals, say)
 

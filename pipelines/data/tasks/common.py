@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from functools import lru_cache
-from typing import TypeVar
+from functools import lru_cache, partial
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
+
+from pipelines.data.errors import DataError
 
 IGNORE = -100
 PAD = 0
@@ -133,6 +135,45 @@ def apportion(total: int, weights: Sequence[int]) -> list[int]:
     for index in sorted(range(len(weights)), key=lambda i: (-remainders[i], i))[:short]:
         counts[index] += 1
     return counts
+
+
+class MixtureTask(Protocol):
+    """What `generate_mixture` asks of a task's settings (every synthetic task config has it)."""
+
+    def check(self) -> None: ...
+    def part_list(self) -> Sequence[Any]: ...
+    def part_weights(self) -> Sequence[int]: ...
+
+
+def row_width(config: Any) -> int:
+    """The padded width of a decoder-only mixture: every `[N, T]` column to the longest row."""
+    return config.row_width
+
+
+def generate_mixture(
+    config: MixtureTask,
+    num_examples: int,
+    seed: int,
+    make_part: Callable[[Any, Any, int, np.random.Generator], Batch],
+    widths: Callable[[Any], int | Mapping[str, int]] = row_width,
+) -> Batch:
+    """A task's `generate`: check the settings, then `num_examples` rows of the mixture of
+    `config.part_list()` (rows apportioned by `config.part_weights()`), each part made by
+    `make_part(config, part, n, rng)` from one stream seeded by `seed`, padded to
+    `widths(config)` (see `mixture`) and shuffled. `widths` runs after the check, so a bad
+    setting is reported as a `DataError`."""
+    config.check()
+    if num_examples < 0:
+        raise DataError(f"num_examples={num_examples} must be >= 0")
+    rng = np.random.default_rng(seed)
+    return mixture(
+        config.part_list(),
+        config.part_weights(),
+        num_examples,
+        rng,
+        partial(make_part, config),
+        widths(config),
+    )
 
 
 def mixture(

@@ -11,13 +11,10 @@ lengths 1-20 and test on 40 and 80 to see whether the memory generalises to long
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 
 from pipelines.data.config import CopyTask
-from pipelines.data.tasks.common import IGNORE, Batch, mixture
-from pipelines.data.tasks.mqar import check_count
+from pipelines.data.tasks.common import IGNORE, Batch, generate_mixture
 
 DELIMITER = 1
 BLANK = 2
@@ -27,17 +24,7 @@ FIRST_SYMBOL = 3
 def generate(config: CopyTask, num_examples: int, seed: int) -> Batch:
     """`num_examples` rows spread evenly over `config.lengths`, padded to twice the longest and
     shuffled; `generate_part` makes one length's rows at their own width."""
-    config.check()
-    check_count(num_examples)
-    rng = np.random.default_rng(seed)
-    return mixture(
-        config.lengths,
-        config.part_weights(),
-        num_examples,
-        rng,
-        partial(generate_part, config),
-        config.row_width,
-    )
+    return generate_mixture(config, num_examples, seed, generate_part)
 
 
 def generate_part(config: CopyTask, length: int, n: int, rng: np.random.Generator) -> Batch:

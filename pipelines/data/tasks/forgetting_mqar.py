@@ -10,29 +10,17 @@ This is the direct test of a forget threshold: a memory that keeps the stale pai
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 
 from pipelines.data.config import ForgettingMQARTask, RecallPart
-from pipelines.data.tasks.common import Batch, distinct_choice, mixture
-from pipelines.data.tasks.mqar import assemble, check_count, interleave
+from pipelines.data.tasks.common import Batch, distinct_choice, generate_mixture
+from pipelines.data.tasks.mqar import assemble, interleave
 
 
 def generate(config: ForgettingMQARTask, num_examples: int, seed: int) -> Batch:
     """`num_examples` rows of the `config.parts` mixture, padded to the longest part and
     shuffled; `generate_part` makes one part's rows at their own length."""
-    config.check()
-    check_count(num_examples)
-    rng = np.random.default_rng(seed)
-    return mixture(
-        config.parts,
-        config.part_weights(),
-        num_examples,
-        rng,
-        partial(generate_part, config),
-        config.row_width,
-    )
+    return generate_mixture(config, num_examples, seed, generate_part)
 
 
 def generate_part(

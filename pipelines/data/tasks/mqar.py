@@ -14,34 +14,22 @@ must predict the value next. The non-query slots are 0, or random tokens from [0
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 
 from pipelines.data.config import MQARTask, RecallPart
-from pipelines.data.errors import DataError
-from pipelines.data.tasks.common import IGNORE, Batch, distinct_choice, mixture, power_law_choice
+from pipelines.data.tasks.common import (
+    IGNORE,
+    Batch,
+    distinct_choice,
+    generate_mixture,
+    power_law_choice,
+)
 
 
 def generate(config: MQARTask, num_examples: int, seed: int) -> Batch:
     """`num_examples` rows of the `config.parts` mixture (shares by weight), padded to the
     longest part and shuffled; `generate_part` makes one part's rows at their own length."""
-    config.check()
-    check_count(num_examples)
-    rng = np.random.default_rng(seed)
-    return mixture(
-        config.parts,
-        config.part_weights(),
-        num_examples,
-        rng,
-        partial(generate_part, config),
-        config.row_width,
-    )
-
-
-def check_count(num_examples: int) -> None:
-    if num_examples < 0:
-        raise DataError(f"num_examples={num_examples} must be >= 0")
+    return generate_mixture(config, num_examples, seed, generate_part)
 
 
 def generate_part(config: MQARTask, part: RecallPart, n: int, rng: np.random.Generator) -> Batch:

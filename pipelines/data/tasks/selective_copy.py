@@ -10,13 +10,10 @@ must choose what to store: noise carries nothing and a good memory skips it.
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 
 from pipelines.data.config import SelectiveCopyTask, SelectivePart
-from pipelines.data.tasks.common import IGNORE, Batch, distinct_choice, mixture
-from pipelines.data.tasks.mqar import check_count
+from pipelines.data.tasks.common import IGNORE, Batch, distinct_choice, generate_mixture
 
 NOISE = 1
 DELIMITER = 2
@@ -27,17 +24,7 @@ FIRST_DATA = 4
 def generate(config: SelectiveCopyTask, num_examples: int, seed: int) -> Batch:
     """`num_examples` rows of the `config.parts` mixture, padded to the longest part and
     shuffled; `generate_part` makes one part's rows at their own length."""
-    config.check()
-    check_count(num_examples)
-    rng = np.random.default_rng(seed)
-    return mixture(
-        config.parts,
-        config.part_weights(),
-        num_examples,
-        rng,
-        partial(generate_part, config),
-        config.row_width,
-    )
+    return generate_mixture(config, num_examples, seed, generate_part)
 
 
 def generate_part(

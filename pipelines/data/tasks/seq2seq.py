@@ -8,9 +8,21 @@ an encoder-decoder model masks), decoder `inputs` `[N, Td]` fed with teacher for
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from pipelines.data.tasks.common import IGNORE, Batch
+
+
+def seq2seq_widths(config: Any) -> dict[str, int]:
+    """Padded widths of a sequence-to-sequence mixture: the encoder's `context` to the longest
+    context, decoder `inputs` and `labels` to the longest decoder row."""
+    return {
+        "context": config.context_width,
+        "inputs": config.row_width,
+        "labels": config.row_width,
+    }
 
 
 def questions(keys: np.ndarray, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

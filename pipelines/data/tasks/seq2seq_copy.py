@@ -17,13 +17,11 @@ its positions extrapolate.
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 
 from pipelines.data.config import Seq2SeqCopyTask
-from pipelines.data.tasks.common import Batch, mixture
-from pipelines.data.tasks.mqar import check_count
+from pipelines.data.tasks.common import Batch, generate_mixture
+from pipelines.data.tasks.seq2seq import seq2seq_widths
 
 GO = 1
 END = 2
@@ -32,13 +30,7 @@ FIRST_SYMBOL = 3
 
 def generate(config: Seq2SeqCopyTask, num_examples: int, seed: int) -> Batch:
     """`num_examples` rows spread evenly over `config.lengths`, padded to the longest."""
-    config.check()
-    check_count(num_examples)
-    rng = np.random.default_rng(seed)
-    widths = {"context": config.context_width, "inputs": config.row_width}
-    widths["labels"] = config.row_width
-    make_part = partial(generate_part, config)
-    return mixture(config.lengths, config.part_weights(), num_examples, rng, make_part, widths)
+    return generate_mixture(config, num_examples, seed, generate_part, seq2seq_widths)
 
 
 def generate_part(config: Seq2SeqCopyTask, length: int, n: int, rng: np.random.Generator) -> Batch:

@@ -16,25 +16,17 @@ row is Zoology's MQAR at seq_len 4k with a query at every slot after the context
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 
 from pipelines.data.config import Seq2SeqMQARTask
-from pipelines.data.tasks.common import Batch, distinct_choice, mixture
-from pipelines.data.tasks.mqar import check_count, interleave
-from pipelines.data.tasks.seq2seq import permutations, questions
+from pipelines.data.tasks.common import Batch, distinct_choice, generate_mixture
+from pipelines.data.tasks.mqar import interleave
+from pipelines.data.tasks.seq2seq import permutations, questions, seq2seq_widths
 
 
 def generate(config: Seq2SeqMQARTask, num_examples: int, seed: int) -> Batch:
     """`num_examples` rows spread evenly over `config.num_kv_pairs`, padded to the most pairs."""
-    config.check()
-    check_count(num_examples)
-    rng = np.random.default_rng(seed)
-    widths = {"context": config.context_width, "inputs": config.row_width}
-    widths["labels"] = config.row_width
-    make_part = partial(generate_part, config)
-    return mixture(config.num_kv_pairs, config.part_weights(), num_examples, rng, make_part, widths)
+    return generate_mixture(config, num_examples, seed, generate_part, seq2seq_widths)
 
 
 def generate_part(config: Seq2SeqMQARTask, k: int, n: int, rng: np.random.Generator) -> Batch:

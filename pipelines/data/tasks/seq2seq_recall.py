@@ -17,14 +17,11 @@ them noise. Accuracy: the share of scored positions (one per query) predicted ex
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 
 from pipelines.data.config import LongRecallPart, Seq2SeqRecallTask
-from pipelines.data.tasks.common import Batch, distinct_choice, mixture
-from pipelines.data.tasks.mqar import check_count
-from pipelines.data.tasks.seq2seq import permutations, questions
+from pipelines.data.tasks.common import Batch, distinct_choice, generate_mixture
+from pipelines.data.tasks.seq2seq import permutations, questions, seq2seq_widths
 
 NOISE = 1
 FIRST_KEY = 2
@@ -32,13 +29,7 @@ FIRST_KEY = 2
 
 def generate(config: Seq2SeqRecallTask, num_examples: int, seed: int) -> Batch:
     """`num_examples` rows of the `config.parts` mixture, padded to the longest part."""
-    config.check()
-    check_count(num_examples)
-    rng = np.random.default_rng(seed)
-    widths = {"context": config.context_width, "inputs": config.row_width}
-    widths["labels"] = config.row_width
-    make_part = partial(generate_part, config)
-    return mixture(config.parts, config.part_weights(), num_examples, rng, make_part, widths)
+    return generate_mixture(config, num_examples, seed, generate_part, seq2seq_widths)
 
 
 def generate_part(
