@@ -199,7 +199,10 @@ def tune(
         typer.Option(help='More dimensions as JSON: {"train.lr": {"loguniform": [1e-4, 1e-2]}}'),
     ] = None,
     name: Annotated[str, typer.Option(help="Sweep name (also its MLflow parent run).")] = "sweep",
-    scheduler: Annotated[str, typer.Option(help="asha or fifo.")] = "asha",
+    scheduler: Annotated[
+        str,
+        typer.Option(help="asha, fifo or pbt (mutates lr, forget_threshold, shape-free sizes)."),
+    ] = "asha",
     search: Annotated[str, typer.Option(help="grid, random or optuna.")] = "grid",
     num_samples: Annotated[int, typer.Option(min=1)] = 1,
     max_concurrent_trials: Annotated[
