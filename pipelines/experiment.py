@@ -135,6 +135,11 @@ class ExperimentConfig(Strict):
                 asked_by=f"train.capacity.policy={self.train.capacity.policy}",
                 fix="Set train.capacity.policy=fixed, or pick another model.memory.kind",
             )
+            if self.model.memory.memory_size is None:
+                raise ValueError(
+                    "train.capacity.policy=loss starts from model.memory.memory_size, which is "
+                    "None (unbounded): set it, e.g. model.memory.memory_size=8"
+                )
         return self
 
     @property

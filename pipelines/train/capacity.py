@@ -17,6 +17,7 @@ every rank. Its state is a dict of plain values, stored in each checkpoint's `Po
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -137,6 +138,12 @@ class CapacityController:
     @classmethod
     def from_state(cls, settings: CapacitySettings, state: dict) -> CapacityController:
         return cls(settings, **{**state, "changes": list(state["changes"])})
+
+    def decide(self, step: int, loss: float, loss_at: Callable[[int], float]) -> int | None:
+        """`observe`, probing a smaller size when one is due: `loss_at(size)` is the validation
+        loss of the same weights at `size` (the caller moves the memory there and back)."""
+        probe = self.probe_size()
+        return self.observe(step, loss, loss_at(probe) if probe is not None else None)
 
 
 class ShapeBoundError(ValueError):

@@ -390,15 +390,14 @@ def _control_capacity(run: _Run, metrics: dict[str, float]) -> None:
 
 def _decide_capacity(run: _Run, metrics: dict[str, float]) -> int | None:
     controller = CapacityController.from_state(run.config.train.capacity, run.position.capacity)
-    probe = controller.probe_size()
-    probe_loss = None
-    if probe is not None:
-        current = controller.memory_size
-        move_memory(run.model, memory_size=probe)
-        probe_loss = _evaluate(run, run.test_shard)["val_loss"]
-        move_memory(run.model, memory_size=current)
-        metrics["val_probe_loss"] = probe_loss
-    new = controller.observe(run.position.global_step, metrics["val_loss"], probe_loss)
+
+    def loss_at(size: int) -> float:
+        move_memory(run.model, memory_size=size)
+        metrics["val_probe_loss"] = _evaluate(run, run.test_shard)["val_loss"]
+        move_memory(run.model, memory_size=controller.memory_size)
+        return metrics["val_probe_loss"]
+
+    new = controller.decide(run.position.global_step, metrics["val_loss"], loss_at)
     run.position.capacity = controller.state()
     return new
 
