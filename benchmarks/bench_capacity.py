@@ -6,9 +6,10 @@ and a window shorter than the distance from a key to its query cannot recall it.
 the same tiny model with the plain loop (`pipelines.train.loop`, no Ray, fresh batch per step):
 
 - `fixed small` / `fixed large`: the window stays at `--small` / `--large` tokens;
-- `loss controller`: starts at `--small`; `pipelines.train.capacity.CapacityController` grows the
-  window when the validation loss stalls and shrinks it when a probe at half the size costs less
-  than the tolerance, evaluating every `--eval-every` steps on a validation set of its own;
+- `controller from small` / `from large`: starts at `--small` / `--large`;
+  `pipelines.train.capacity.CapacityController` grows the window when the validation loss stalls
+  and shrinks it when a probe at half the size costs less than the tolerance, evaluating every
+  `--eval-every` steps on a validation set of its own;
 - `pbt` (with `--pbt`): `memlab tune --scheduler pbt` through Ray Tune and Ray Train on the same
   task, a population of `--pbt-trials` trials starting at the two sizes, mutating the window
   among the sizes and the learning rate every epoch.
@@ -215,10 +216,13 @@ def run_pbt(args: argparse.Namespace) -> CapacityRow:
     )
 
 
-def plot(row: CapacityRow, steps: int, path: Path) -> Path:
+def plot(rows: list[CapacityRow], steps: int, path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    points = [*row.schedule, (steps, row.schedule[-1][1])]
-    axis.step([s for s, _ in points], [w for _, w in points], where="post", marker="o")
+    for row in rows:
+        points = [*row.schedule, (steps, row.schedule[-1][1])]
+        xs, ys = [s for s, _ in points], [w for _, w in points]
+        axis.step(xs, ys, where="post", marker="o", label=row.run)
+    axis.legend()
     axis.set(xlabel="optimizer step", ylabel="attention window (memory_size)", yscale="log")
     axis.set_title("loss controller: capacity against step")
     figure.tight_layout()
@@ -257,15 +261,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--eval-every", type=int, default=25, help="controller evaluations")
     parser.add_argument("--eval-examples", type=int, default=256)
     parser.add_argument("--small", type=int, default=4, help="the small window (and the minimum)")
     parser.add_argument("--large", type=int, default=32, help="the large window (and the maximum)")
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--probe-every", type=int, default=3)
-    parser.add_argument("--tolerance", type=float, default=0.05)
+    parser.add_argument("--tolerance", type=float, default=0.1)
     parser.add_argument("--pbt", action="store_true", help="also run PBT through Ray Tune")
+    parser.add_argument("--pbt-only", action="store_true", help="only the PBT run")
     parser.add_argument("--pbt-epochs", type=int, default=3)
     parser.add_argument("--pbt-steps", type=int, default=200, help="steps per PBT epoch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -277,26 +282,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    runs = [
-        ("fixed small", args.small, None),
-        ("fixed large", args.large, None),
-        (
-            "loss controller",
-            args.small,
-            CapacityController.start(controller_settings(args), args.small),
-        ),
-    ]
+    settings = controller_settings(args)
+    runs = {
+        "fixed small": (args.small, None),
+        "fixed large": (args.large, None),
+        "controller from small": (args.small, CapacityController.start(settings, args.small)),
+        "controller from large": (args.large, CapacityController.start(settings, args.large)),
+    }
+    chosen = [] if args.pbt_only else list(runs)
     rows = []
-    for index, (name, window, controller) in enumerate(runs, start=1):
-        log(f"[{index}/{len(runs) + args.pbt}] {name}")
-        rows.append(train_one(name, args, window, controller))
-    if args.pbt:
-        log(f"[{len(runs) + 1}/{len(runs) + 1}] pbt")
+    for index, name in enumerate(chosen, start=1):
+        log(f"[{index}/{len(chosen)}] {name}")
+        rows.append(train_one(name, args, *runs[name]))
+    if args.pbt or args.pbt_only:
+        log("[pbt]")
         rows.append(run_pbt(args))
     print(table(rows))
-    suffix = "_quick" if args.quick else ""
-    figure = plot(rows[2], args.steps, RESULTS_DIR / f"bench_capacity{suffix}.png")
-    log(f"wrote {figure}")
+    suffix = ("_quick" if args.quick else "") + ("_pbt" if args.pbt_only else "")
+    controlled = [row for row in rows if row.run.startswith("controller")]
+    if controlled:
+        figure = plot(controlled, args.steps, RESULTS_DIR / f"bench_capacity{suffix}.png")
+        log(f"wrote {figure}")
     chance = 1.0 / (args.vocab_size - args.vocab_size // 2)
     sizes = {k: v for k, v in vars(args).items() if k != "quick"}
     note = NOTE.format(eval_examples=args.eval_examples, chance=chance)

@@ -147,3 +147,18 @@ def test_pbt_refuses_a_shape_bound_size_before_any_ray_work():
 def test_capacity_bounds_must_be_in_order():
     with pytest.raises(ValueError, match="min_memory_size=64 is above"):
         CapacitySettings(min_memory_size=64, max_memory_size=8)
+
+
+def test_memlab_tune_refuses_a_shape_bound_pbt_size_before_ray_starts(monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipelines import cli
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray must not start")
+
+    monkeypatch.setattr(cli, "_ray", no_ray)
+    args = ["tune", "--recipe", "debug-gru", "-m", "8", "-m", "16", "--scheduler", "pbt"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 2
+    assert "cannot move memory_size of kind 'gru'" in " ".join(result.output.split())
