@@ -62,10 +62,10 @@ def test_never_grows_past_the_maximum_nor_starts_outside_the_bounds():
 
 def test_shrinks_when_the_probe_costs_less_than_the_tolerance():
     controller = CapacityController.start(SETTINGS, 16)
-    assert controller.probe_size() is None
+    assert controller.probe_size(1.0) is None
     controller.observe(1, 1.0)
     controller.observe(2, 0.5)
-    assert controller.probe_size() == 8  # the third evaluation probes half the size
+    assert controller.probe_size(0.2) == 8  # the third evaluation probes half the size
     assert controller.observe(3, 0.2, probe_loss=0.23) == 8
     assert controller.changes[-1]["reason"] == "shrink"
     assert controller.changes[-1]["probe_loss"] == 0.23
@@ -74,7 +74,7 @@ def test_shrinks_when_the_probe_costs_less_than_the_tolerance():
 def test_keeps_the_size_when_the_probe_costs_more_and_never_shrinks_below_the_minimum():
     controller = CapacityController.start(SETTINGS, 4)
     for step in range(6):
-        assert controller.probe_size() is None  # already at the minimum
+        assert controller.probe_size(1.0 - 0.1 * step) is None  # already at the minimum
         controller.observe(step, 1.0 - 0.1 * step)
     controller = CapacityController.start(SETTINGS, 16)
     controller.observe(1, 1.0)
@@ -162,3 +162,22 @@ def test_memlab_tune_refuses_a_shape_bound_pbt_size_before_ray_starts(monkeypatc
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 2
     assert "cannot move memory_size of kind 'gru'" in " ".join(result.output.split())
+
+
+def test_no_probe_on_a_plateau_nor_before_a_growth_pays_off():
+    """Every size does equally badly on a plateau: a probe there would shrink the memory the
+    model is about to need."""
+    controller = CapacityController.start(SETTINGS, 8)
+    probes = []
+
+    def loss_at(size: int) -> float:
+        probes.append(size)
+        return 2.0
+
+    assert [controller.decide(step, 2.0, loss_at) for step in range(3)] == [None, None, 16]
+    assert [controller.decide(step, 2.0, loss_at) for step in range(3, 6)] == [None, None, 32]
+    assert [controller.decide(step, 2.0, loss_at) for step in range(6, 11)] == [None] * 5
+    assert probes == []  # stalled throughout, and 32 on probation: its loss has not beaten 2.0
+    assert controller.decide(11, 1.0, loss_at) is None  # improving, the probe costs 1.0
+    assert probes == [16]
+    assert controller.memory_size == 32

@@ -46,7 +46,8 @@ def test_the_loss_controller_moves_capacity_on_every_rank_and_keeps_it_across_a_
     ray_local, tmp_path
 ):
     """Two workers (the decision is broadcast), evaluations every 2 steps, a tolerance so wide
-    that every probe shrinks; a crash at step 5 restores the size chosen at step 4."""
+    that no loss counts as an improvement, so the size doubles at every second evaluation; a
+    crash at step 5 restores the size chosen at step 4."""
     config = _base(
         tmp_path,
         **{
@@ -54,7 +55,7 @@ def test_the_loss_controller_moves_capacity_on_every_rank_and_keeps_it_across_a_
             "train.fail_once_at_step": 5,
             "train.capacity.policy": "loss",
             "train.capacity.eval_every_steps": 2,
-            "train.capacity.probe_every": 2,
+            "train.capacity.patience": 1,
             "train.capacity.tolerance": 10.0,
             "scaling.num_workers": 2,
         },
@@ -62,19 +63,18 @@ def test_the_loss_controller_moves_capacity_on_every_rank_and_keeps_it_across_a_
     outcome = train(config)
 
     client = MlflowClient(config.tracking.resolved_uri())
-    assert _history(client, outcome.run_id, "capacity.memory_size") == [(4, 8.0), (8, 4.0)]
+    assert _history(client, outcome.run_id, "capacity.memory_size") == [(4, 32.0), (8, 64.0)]
     schedule = _history(client, outcome.run_id, "schedule.memory_size")
     assert (0, 16.0) in schedule  # the start
-    assert schedule.count((4, 8.0)) == 2  # the change, and the restore after the crash
+    assert schedule.count((4, 32.0)) == 2  # the change, and the restore after the crash
     folder = client.download_artifacts(outcome.run_id, "capacity_events.json", str(tmp_path))
     events = json.loads(Path(folder).read_text())
     assert [(e["step"], e["old"], e["new"], e["reason"]) for e in events] == [
-        (4, 16, 8, "shrink"),
-        (8, 8, 4, "shrink"),
+        (4, 16, 32, "grow"),
+        (8, 32, 64, "grow"),
     ]
-    assert all(e["probe_loss"] is not None for e in events)
     # The logged model is the one trained at the final size.
-    assert read_config(Path(outcome.checkpoint_path)).model.memory.memory_size == 4
+    assert read_config(Path(outcome.checkpoint_path)).model.memory.memory_size == 64
 
 
 @pytest.mark.ray

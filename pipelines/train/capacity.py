@@ -6,8 +6,9 @@ size and, at each validation evaluation:
 
 - grows (x `growth`, up to `max_memory_size`) once the loss has not improved by more than
   `tolerance` for `patience` evaluations: the memory, not the optimiser, is what stalls it;
-- every `probe_every` evaluations, is shown the loss of the same weights at a smaller size
-  (/ `growth`, down to `min_memory_size`) and shrinks there when it costs less than `tolerance`.
+- every `probe_every` evaluations, while the loss is improving, is shown the loss of the same
+  weights at a smaller size (/ `growth`, down to `min_memory_size`) and shrinks there when it
+  costs less than `tolerance` (`CapacityController` says why only then).
 
 Decisions are plain Python over the losses it is handed, so tests drive it without Ray or a model;
 the Ray worker (`pipelines.train.worker`) runs the evaluations on rank 0 and sends the new size to
@@ -77,13 +78,21 @@ class CapacityChange:
 
 @dataclass
 class CapacityController:
-    """The decisions of `policy="loss"` (module docstring). `observe` after every evaluation."""
+    """The decisions of `policy="loss"` (module docstring): `decide` at every evaluation.
+
+    Probes run only while the loss at the current size is still improving, and not after a
+    growth until the loss has improved on the one that triggered it. On a plateau (MQAR before
+    its recall circuit forms) every size does equally badly, so a probe there would shrink the
+    memory the model is about to need; the loss falling says the memory is in use, and a smaller
+    one that keeps up with it is enough.
+    """
 
     settings: CapacitySettings
     memory_size: int
     best_loss: float = math.inf
     stale: int = 0  # evaluations since the loss last improved by more than the tolerance
     evaluations: int = 0
+    grown_at_loss: float | None = None  # the loss that triggered the last growth, until beaten
     changes: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -92,30 +101,49 @@ class CapacityController:
         low, high = settings.min_memory_size, settings.max_memory_size
         return cls(settings, min(high, max(low, memory_size)))
 
-    def probe_size(self) -> int | None:
-        """The smaller size to evaluate at this evaluation (the next `observe`), or None."""
-        return self._probe_size_at(self.evaluations + 1)
+    def decide(self, step: int, loss: float, loss_at: Callable[[int], float]) -> int | None:
+        """`observe` the validation `loss` at the current size, probing a smaller size when one
+        is due: `loss_at(size)` is the loss of the same weights at `size` (the caller moves the
+        memory there and back)."""
+        probe = self.probe_size(loss)
+        return self.observe(step, loss, loss_at(probe) if probe is not None else None)
 
-    def observe(self, step: int, loss: float, probe_loss: float | None = None) -> int | None:
-        """The validation `loss` at the current size (and at `probe_size()`, if probed); the new
-        size if it changes. A shrink within tolerance wins over growing: a smaller memory that
-        does as well says the memory is not what holds the loss up."""
-        self.evaluations += 1
-        improved = loss < self.best_loss - self.settings.tolerance
-        self.best_loss, self.stale = (loss, 0) if improved else (self.best_loss, self.stale + 1)
-        probed = self._probe_size_at(self.evaluations)
-        if probe_loss is not None and probed and probe_loss - loss < self.settings.tolerance:
-            return self._move(step, probed, "shrink", loss, probe_loss)
-        grown = min(self.settings.max_memory_size, self.memory_size * self.settings.growth)
-        if self.stale >= self.settings.patience and grown > self.memory_size:
-            return self._move(step, grown, "grow", loss, probe_loss)
-        return None
-
-    def _probe_size_at(self, evaluation: int) -> int | None:
-        if evaluation % self.settings.probe_every:
+    def probe_size(self, loss: float) -> int | None:
+        """The smaller size to evaluate beside `loss` (this evaluation's), or None."""
+        due = (self.evaluations + 1) % self.settings.probe_every == 0
+        if not due or not self._improves(loss) or self._on_probation(loss):
             return None
         smaller = max(self.settings.min_memory_size, self.memory_size // self.settings.growth)
         return smaller if smaller < self.memory_size else None
+
+    def observe(self, step: int, loss: float, probe_loss: float | None = None) -> int | None:
+        """The loss at the current size (and at `probe_size(loss)`, if probed); the new size if
+        it changes. A shrink within tolerance wins over growing: a smaller memory that does as
+        well says the memory is not what holds the loss up."""
+        probed = self.probe_size(loss) if probe_loss is not None else None
+        self.evaluations += 1
+        if not self._on_probation(loss):
+            self.grown_at_loss = None
+        if self._improves(loss):
+            self.best_loss, self.stale = loss, 0
+        else:
+            self.stale += 1
+        if probed is not None and probe_loss - loss < self.settings.tolerance:
+            return self._move(step, probed, "shrink", loss, probe_loss)
+        grown = min(self.settings.max_memory_size, self.memory_size * self.settings.growth)
+        if self.stale >= self.settings.patience and grown > self.memory_size:
+            self._move(step, grown, "grow", loss, probe_loss)
+            self.grown_at_loss = loss
+            return grown
+        return None
+
+    def _improves(self, loss: float) -> bool:
+        return loss < self.best_loss - self.settings.tolerance
+
+    def _on_probation(self, loss: float) -> bool:
+        return (
+            self.grown_at_loss is not None and loss >= self.grown_at_loss - self.settings.tolerance
+        )
 
     def _move(self, step: int, new: int, reason, loss: float, probe_loss: float | None) -> int:
         change = CapacityChange(step, self.memory_size, new, reason, loss, probe_loss)
@@ -132,18 +160,13 @@ class CapacityController:
             "best_loss": self.best_loss,
             "stale": self.stale,
             "evaluations": self.evaluations,
+            "grown_at_loss": self.grown_at_loss,
             "changes": list(self.changes),
         }
 
     @classmethod
     def from_state(cls, settings: CapacitySettings, state: dict) -> CapacityController:
         return cls(settings, **{**state, "changes": list(state["changes"])})
-
-    def decide(self, step: int, loss: float, loss_at: Callable[[int], float]) -> int | None:
-        """`observe`, probing a smaller size when one is due: `loss_at(size)` is the validation
-        loss of the same weights at `size` (the caller moves the memory there and back)."""
-        probe = self.probe_size()
-        return self.observe(step, loss, loss_at(probe) if probe is not None else None)
 
 
 class ShapeBoundError(ValueError):
