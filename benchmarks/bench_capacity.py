@@ -111,15 +111,15 @@ def train_one(
     model = build_model(args, window)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = lr_schedule(optimizer, args.warmup_steps, args.steps)
-    module, schedule, probes = TrainingModule(model), [(0, window)], 0
+    module, schedule, probes = TrainingModule(model), [(0, window)], []
     cpu, wall = time.process_time(), time.perf_counter()
     for step in range(1, args.steps + 1):
         batch = as_batch(task, args.batch_size, args.seed * 1_000_003 + step)
         train_batch(module, batch, optimizer, scheduler, grad_clip=1.0)
         if controller is None or step % args.eval_every:
             continue
-        probes += controller.probe_size() is not None
-        new = controller.decide(step, score(model, validation)["loss"], _loss_at(model, validation))
+        loss_at = _loss_at(model, validation, probes)
+        new = controller.decide(step, score(model, validation)["loss"], loss_at)
         if new is not None:
             move_memory(model, memory_size=new)
             schedule.append((step, new))
@@ -134,17 +134,18 @@ def train_one(
         state_bytes_per_sequence=model.state_size_bytes(args.seq_len),
         steps=args.steps,
         trials=1,
-        probe_evaluations=probes,
+        probe_evaluations=len(probes),
         cpu_seconds=time.process_time() - cpu,
         wall_seconds=time.perf_counter() - wall,
         schedule=schedule,
     )
 
 
-def _loss_at(model: SequenceModel, rows: dict[str, torch.Tensor]):
+def _loss_at(model: SequenceModel, rows: dict[str, torch.Tensor], probes: list[int]):
     """The probe: the same weights at `size`, then back at the size they were at."""
 
     def loss_at(size: int) -> float:
+        probes.append(size)
         current = model.blocks[0].memory.config.memory_size
         move_memory(model, memory_size=size)
         loss = score(model, rows)["loss"]
