@@ -35,6 +35,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import torch
 from bench_common import (
     RESULTS_DIR,
@@ -224,7 +225,9 @@ def plot(rows: list[CapacityRow], steps: int, path: Path) -> Path:
         xs, ys = [s for s, _ in points], [w for _, w in points]
         axis.step(xs, ys, where="post", marker="o", label=row.run)
     axis.legend()
-    axis.set(xlabel="optimizer step", ylabel="attention window (memory_size)", yscale="log")
+    axis.set(xlabel="optimizer step", ylabel="attention window (memory_size)")
+    axis.set_yscale("log", base=2)
+    axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     axis.set_title("loss controller: capacity against step")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
