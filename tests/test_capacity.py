@@ -181,3 +181,17 @@ def test_no_probe_on_a_plateau_nor_before_a_growth_pays_off():
     assert controller.decide(11, 1.0, loss_at) is None  # improving, the probe costs 1.0
     assert probes == [16]
     assert controller.memory_size == 32
+
+
+def test_pbt_leaves_a_final_report_alone():
+    """An exploit at the last report would relabel a trial whose model is already logged."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from pipelines.tune.pbt import pbt_scheduler
+    from pipelines.tune.settings import SweepSettings
+
+    base = debug("attention")
+    space = parse_space({"train.lr": {"loguniform": [1e-4, 1e-2]}}, base)
+    scheduler = pbt_scheduler(SweepSettings(scheduler="pbt"), space)
+    decision = scheduler.on_trial_result(None, None, {"done": True, "epoch": 2})
+    assert decision == TrialScheduler.CONTINUE

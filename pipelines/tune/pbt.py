@@ -34,7 +34,8 @@ from typing import Any
 
 import pandas as pd
 from ray import tune
-from ray.tune.schedulers import PopulationBasedTraining
+from ray.tune.result import DONE
+from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
 from pipelines.checkpoint import read_position
 from pipelines.experiment import ExperimentConfig, apply_overrides
@@ -88,13 +89,24 @@ def pbt_scheduler(settings: SweepSettings, space: dict[str, Dimension]) -> Popul
         for key in mutations
         if space[key].loguniform or space[key].uniform
     }
-    return PopulationBasedTraining(
+    return _KeepFinalResults(
         time_attr="epoch",
         perturbation_interval=settings.perturbation_interval,
         hyperparam_mutations=mutations,
         custom_explore_fn=functools.partial(_clipped, bounds=bounds),
         synch=True,
     )
+
+
+class _KeepFinalResults(PopulationBasedTraining):
+    """PBT that leaves a trial's final report alone. Exploiting there would give the trial a new
+    config after its last segment logged its model: the results table (and so the champion)
+    would name settings its model was never trained with."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get(DONE):
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 def _mutation(dimension: Dimension):
