@@ -38,6 +38,9 @@ class Position:
     # or checkpoints): what benchmarks/bench_train.py compares with the plain loop.
     train_seconds: float = 0.0
     train_cpu_seconds: float = 0.0  # CPU time of the worker process over the same spans
+    # The capacity controller's state (`CapacityController.state()`), its current memory size
+    # included: a resumed run continues at that size.
+    capacity: dict | None = None
 
 
 def save_checkpoint(
@@ -85,6 +88,11 @@ def restore_training(
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     return Position(**saved["position"])
+
+
+def read_position(folder: Path) -> Position:
+    """Where a checkpoint's training stood, without building anything."""
+    return Position(**_training_state(folder)["position"])
 
 
 def load_model(folder: Path) -> tuple[SequenceModel, ExperimentConfig]:

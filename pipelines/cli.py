@@ -199,7 +199,10 @@ def tune(
         typer.Option(help='More dimensions as JSON: {"train.lr": {"loguniform": [1e-4, 1e-2]}}'),
     ] = None,
     name: Annotated[str, typer.Option(help="Sweep name (also its MLflow parent run).")] = "sweep",
-    scheduler: Annotated[str, typer.Option(help="asha or fifo.")] = "asha",
+    scheduler: Annotated[
+        str,
+        typer.Option(help="asha, fifo or pbt (mutates lr, forget_threshold, shape-free sizes)."),
+    ] = "asha",
     search: Annotated[str, typer.Option(help="grid, random or optuna.")] = "grid",
     num_samples: Annotated[int, typer.Option(min=1)] = 1,
     max_concurrent_trials: Annotated[
@@ -237,6 +240,8 @@ def tune(
         )
     except (json.JSONDecodeError, ValidationError) as error:
         raise typer.BadParameter(str(error), param_hint="--space/--scheduler/--search") from None
+    if settings.scheduler == "pbt":
+        _check_pbt(base, raw_space)
     total = planned_trials(raw_space, num_samples)
     with _framework_logs("tune", verbose), _ray(ray_address):
         try:
@@ -253,6 +258,17 @@ def tune(
             f"[bold green]champion[/bold green] {outcome.champion['uri']} "
             f"(version {outcome.champion_version}, {outcome.champion['mechanism']})"
         )
+
+
+def _check_pbt(base, raw_space: dict) -> None:
+    """What PBT would move, checked before Ray starts (a shape-bound size names the kind)."""
+    from pipelines.tune.pbt import check_pbt_space
+    from pipelines.tune.space import parse_space
+
+    try:
+        check_pbt_space(parse_space(raw_space, base), base)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--scheduler pbt/--space/-m") from None
 
 
 @app.command("serve")

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from memory_models.architectures import ARCHITECTURES, AnyModelConfig
 from memory_models.layer import MemoryConfig
 from pipelines.data.config import SEQ2SEQ_KINDS, DataConfig
+from pipelines.train.capacity import CapacitySettings, refuse_shape_bound
 
 RUNS_DIR = Path("memlab_runs")
 
@@ -45,6 +46,8 @@ class TrainSettings(Strict):
     )
     log_every_steps: int = Field(default=10, ge=1)
     seed: int = Field(default=0, ge=0)
+    #: `policy=loss` moves a shape-free memory_size during the run (`pipelines.train.capacity`).
+    capacity: CapacitySettings = Field(default_factory=CapacitySettings)
 
 
 class ScalingSettings(Strict):
@@ -121,6 +124,22 @@ class ExperimentConfig(Strict):
                 f"{self.data.task.kind!r} has none; pick a seq2seq_* task, or "
                 "model.architecture=decoder_only"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _capacity_can_move(self) -> ExperimentConfig:
+        if self.train.capacity.active:
+            refuse_shape_bound(
+                self.model.memory.kind,
+                "memory_size",
+                asked_by=f"train.capacity.policy={self.train.capacity.policy}",
+                fix="Set train.capacity.policy=fixed, or pick another model.memory.kind",
+            )
+            if self.model.memory.memory_size is None:
+                raise ValueError(
+                    "train.capacity.policy=loss starts from model.memory.memory_size, which is "
+                    "None (unbounded): set it, e.g. model.memory.memory_size=8"
+                )
         return self
 
     @property

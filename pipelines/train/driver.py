@@ -43,8 +43,15 @@ def train(
     callbacks: list[Any] | None = None,
     data: PreparedData | None = None,
     on_run_started: Callable[[str], None] | None = None,
+    init_checkpoint: Path | None = None,
+    stop_epoch: int | None = None,
 ) -> TrainOutcome:
-    """Train `config` with Ray Train; `on_run_started(run_id)` fires once the MLflow run exists."""
+    """Train `config` with Ray Train; `on_run_started(run_id)` fires once the MLflow run exists.
+
+    `init_checkpoint` (a checkpoint folder of any run) is where a new run starts; `stop_epoch`
+    ends it before `train.epochs`, without logging a model or finishing the MLflow run: one
+    segment of a population-based trial (`pipelines.tune.pbt`), which the next segment continues.
+    """
     config = config.with_absolute_paths()
     ray.data.DataContext.get_current().enable_progress_bars = False  # the run has its own
     _refuse_local_store_on_a_cluster(config)
@@ -59,6 +66,8 @@ def train(
             "run_id": run_id,
             "tracking_uri": config.tracking.resolved_uri(),
             "train_rows": data.metadata.train_rows,
+            "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
+            "stop_epoch": stop_epoch,
         },
         scaling_config=_scaling(config),
         run_config=ray.train.RunConfig(
@@ -81,9 +90,11 @@ def train(
             f"{run_id} are kept; run the same command again to resume."
         ) from error
     checkpoint_dir = Path(result.checkpoint.path)
-    model_uri = _log_results(client, run_id, checkpoint_dir, config)
-    retrying(lambda: client.set_tag(run_id, MODEL_URI_TAG, model_uri))
-    retrying(lambda: client.set_terminated(run_id, status="FINISHED"))
+    model_uri = ""
+    if stop_epoch is None or stop_epoch >= config.train.epochs:
+        model_uri = _log_results(client, run_id, checkpoint_dir, config)
+        retrying(lambda: client.set_tag(run_id, MODEL_URI_TAG, model_uri))
+        retrying(lambda: client.set_terminated(run_id, status="FINISHED"))
     return TrainOutcome(
         run_id=run_id,
         metrics=dict(result.return_value or result.metrics or {}),

@@ -34,3 +34,29 @@ def training_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> 
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+#: The settings a run may move mid-run, as the worker logs them (MLflow names: `/` becomes `.`).
+SCHEDULE_KEYS = ["schedule.memory_size", "schedule.forget_threshold", "schedule.lr"]
+
+
+def schedules(runs: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Path | None:
+    """One panel per setting, one step line per run (`{run: {key: [(step, value), ...]}}`): a
+    value holds from its step until the next one. None when no run logged any."""
+    if not any(any(history.values()) for history in runs.values()):
+        return None
+    figure, axes = plt.subplots(1, len(SCHEDULE_KEYS), figsize=(5 * len(SCHEDULE_KEYS), 4))
+    for axis, key in zip(axes, SCHEDULE_KEYS, strict=True):
+        for name, history in runs.items():
+            if history.get(key):
+                steps, values = zip(*history[key], strict=True)
+                axis.step(steps, values, where="post", marker="o", label=name)
+        axis.set(xlabel="optimizer step", title=key.removeprefix("schedule."))
+        if key.endswith("lr"):
+            axis.set_yscale("log")
+    axes[0].legend(fontsize="small")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -133,6 +133,10 @@ class MetricLogger:
     def tag(self, key: str, value: str) -> None:
         retrying(lambda: self.client.log_batch(self.run_id, tags=[RunTag(key, value)]))
 
+    def log_dict(self, data: dict | list, artifact_file: str) -> None:
+        """A JSON artifact, replaced by each call with the same name."""
+        retrying(lambda: self.client.log_dict(self.run_id, data, artifact_file))
+
 
 def _metric_key(key: str) -> str:
     return key.replace("/", ".")

@@ -6,6 +6,13 @@ to MLflow and writes checkpoints. `ray.train.report` is a barrier, so every
 rank calls it at the same points: at mid-epoch checkpoints and at the end of each epoch, not per
 logging window (Tune's ASHA stops trials by epoch, on validation metrics). Step metrics are read
 from the device once per `train.log_every_steps` (`train_steps`) and reach MLflow in batches.
+
+A run may start from another run's checkpoint (`init_checkpoint`: population-based training's
+exploit) and stop before its last epoch (`stop_epoch`: one PBT segment); its own checkpoint, after
+a crash, wins over `init_checkpoint`. After any restore the config's learning rate and memory
+settings are applied again (`_apply_settings`), so a trial continues a donor's weights with its
+own, possibly mutated, settings. With `train.capacity.policy=loss` rank 0 runs the capacity
+controller at each evaluation and every rank applies its decision (`_control_capacity`).
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 
 from memory_models.model import SequenceModel
 from pipelines.checkpoint import Position, restore_training, save_checkpoint
 from pipelines.data import DataError
 from pipelines.data.batches import batches_per_epoch, shard_batches
-from pipelines.experiment import ExperimentConfig
+from pipelines.experiment import ExperimentConfig, apply_overrides
+from pipelines.train.capacity import CapacityController, move_memory, set_base_lr
 from pipelines.train.loop import (
     Batch,
     LogFn,
@@ -62,6 +71,8 @@ class _Run:
     position: Position
     steps_per_epoch: int
     logger: MetricLogger | None  # rank 0 only, once set up
+    stop_epoch: int  # train until this many epochs are done (a PBT segment stops early)
+    test_shard: Any = None
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -73,7 +84,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test")
     run, batches = _setup(loop_config, train_shard)
-    epochs = run.config.train.epochs
+    run.test_shard = test_shard
+    epochs = run.stop_epoch
     try:
         for epoch in range(run.position.epoch, epochs):
             run.position.epoch = epoch
@@ -110,7 +122,7 @@ def _setup(loop_config: dict[str, Any], train_shard) -> tuple[_Run, Iterator[Bat
         steps_per_epoch * _segments_per_row(config) * config.train.epochs,
         config.train.schedule,
     )
-    position = _restore(model, optimizer, scheduler)
+    position = _restore(model, optimizer, scheduler, loop_config.get("init_checkpoint"))
     run = _Run(
         config=config,
         rank=rank,
@@ -123,11 +135,14 @@ def _setup(loop_config: dict[str, Any], train_shard) -> tuple[_Run, Iterator[Bat
         position=position,
         steps_per_epoch=steps_per_epoch,
         logger=None,
+        stop_epoch=loop_config.get("stop_epoch") or config.train.epochs,
     )
+    _apply_settings(run)
     batches = _epoch_batches(run, train_shard, position.epoch, skip=position.batches_done)
     if rank == 0:
         uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
         run.logger = MetricLogger(uri, run_id, hold_seconds=STEP_METRICS_HOLD_SECONDS)
+        run.logger.log(_schedule(run), position.global_step)
     run.module = ray.train.torch.prepare_model(
         TrainingModule(model, config.train.aux_loss_weight),
         parallel_strategy_kwargs={"find_unused_parameters": True},
@@ -155,6 +170,8 @@ def _train_epoch(run: _Run, batches: Iterator[Batch]) -> None:
         clock.add_to(position)
         # After the log: the crash loses a logged step, which the restore must redo.
         _maybe_inject_fault(config, position, run.rank)
+        if _mid_epoch_evaluation_due(config, position, run.steps_per_epoch):
+            _mid_epoch_evaluation(run)
         if _mid_epoch_checkpoint_due(config, position, run.steps_per_epoch):
             _report(run, {"epoch": position.epoch, "step": step})
         clock.restart()
@@ -164,6 +181,7 @@ def _end_epoch(run: _Run, test_shard) -> None:
     """Evaluate (rank 0), log the epoch's metrics and report them with a checkpoint."""
     position = run.position
     metrics = _evaluate(run, test_shard)
+    _control_capacity(run, metrics)
     position.epoch, position.batches_done = position.epoch + 1, 0
     metrics |= {
         "epoch": position.epoch,
@@ -296,12 +314,100 @@ def _report(run: _Run, metrics: dict[str, float]) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def _restore(model, optimizer, scheduler) -> Position:
+def _restore(model, optimizer, scheduler, init_checkpoint: str | None) -> Position:
+    """This run's own last checkpoint (a restart after a crash), else `init_checkpoint` (another
+    run's, in the same format), else a fresh start."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    if checkpoint is None and init_checkpoint is None:
         return Position()
+    if checkpoint is None:
+        return restore_training(Path(init_checkpoint), model, optimizer, scheduler)
     with checkpoint.as_directory() as folder:
         return restore_training(Path(folder), model, optimizer, scheduler)
+
+
+def _apply_settings(run: _Run) -> None:
+    """The config's learning rate over whatever the restored scheduler held, and the controlled
+    memory size, if the controller has moved it. The model was built from this config, so its
+    other memory settings are the config's already."""
+    set_base_lr(run.optimizer, run.scheduler, run.config.train.lr)
+    if run.position.capacity is None and run.config.train.capacity.active:
+        start = CapacityController.start(run.config.train.capacity, _memory_size(run))
+        run.position.capacity = start.state()
+    if run.position.capacity is not None:
+        _move_to(run, run.position.capacity["memory_size"])
+
+
+def _memory_size(run: _Run) -> int:
+    return run.config.model.memory.memory_size
+
+
+def _move_to(run: _Run, memory_size: int) -> None:
+    """Every block's memory to `memory_size`, and the config with it: checkpoints (and the model
+    logged from the last one) carry the size the weights were trained at."""
+    if memory_size != _memory_size(run):
+        move_memory(run.model, memory_size=memory_size)
+        run.config = apply_overrides(run.config, {"model.memory.memory_size": memory_size})
+
+
+def _schedule(run: _Run) -> dict[str, float]:
+    """The settings in force from this step on: population-based training and the capacity
+    controller change them, and params cannot change, so they go to MLflow as metrics."""
+    memory = run.config.model.memory
+    return {
+        "schedule/memory_size": float(memory.memory_size or 0),
+        "schedule/forget_threshold": memory.forget_threshold,
+        "schedule/lr": run.config.train.lr,
+    }
+
+
+def _mid_epoch_evaluation_due(config: ExperimentConfig, position: Position, steps: int) -> bool:
+    every = config.train.capacity.eval_every_steps
+    return bool(every) and position.global_step % every == 0 and position.batches_done < steps
+
+
+def _mid_epoch_evaluation(run: _Run) -> None:
+    """Evaluate (rank 0) and let the controller act, between epochs' own evaluations."""
+    metrics = _evaluate(run, run.test_shard)
+    _control_capacity(run, metrics)
+    if run.logger is not None:
+        run.logger.log(metrics, run.position.global_step)
+
+
+def _control_capacity(run: _Run, metrics: dict[str, float]) -> None:
+    """Rank 0 decides from its validation loss (probing a smaller size when due); the new size
+    reaches every rank by broadcast, so all ranks train the same memory."""
+    if run.position.capacity is None:
+        return
+    new = _decide_capacity(run, metrics) if run.rank == 0 else None
+    new = _broadcast_size(run, new)
+    if new is not None:
+        _move_to(run, new)
+        if run.logger is not None:
+            run.logger.log(_schedule(run) | {"capacity/memory_size": new}, run.position.global_step)
+            run.logger.log_dict(run.position.capacity["changes"], "capacity_events.json")
+
+
+def _decide_capacity(run: _Run, metrics: dict[str, float]) -> int | None:
+    controller = CapacityController.from_state(run.config.train.capacity, run.position.capacity)
+
+    def loss_at(size: int) -> float:
+        move_memory(run.model, memory_size=size)
+        metrics["val_probe_loss"] = _evaluate(run, run.test_shard)["val_loss"]
+        move_memory(run.model, memory_size=controller.memory_size)
+        return metrics["val_probe_loss"]
+
+    new = controller.decide(run.position.global_step, metrics["val_loss"], loss_at)
+    run.position.capacity = controller.state()
+    return new
+
+
+def _broadcast_size(run: _Run, size: int | None) -> int | None:
+    if run.world == 1 or not dist.is_initialized():
+        return size
+    tensor = torch.tensor([size or 0], device=run.device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item()) or None
 
 
 def _epoch_line(config: ExperimentConfig, metrics: dict[str, float]) -> str:

@@ -18,10 +18,13 @@ class SweepSettings(BaseModel):
     name: str = "sweep"
     metric: str = "val_accuracy"
     mode: Literal["max", "min"] = "max"
-    scheduler: Literal["asha", "fifo"] = "asha"
+    scheduler: Literal["asha", "fifo", "pbt"] = "asha"
     search: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = Field(default=1, ge=1, description="repeats of the grid / random samples")
     grace_period: int = Field(default=1, ge=1, description="ASHA: epochs before a trial may stop")
+    perturbation_interval: int = Field(
+        default=1, ge=1, description="PBT: epochs between exploit/explore steps"
+    )
     max_concurrent_trials: int | None = Field(default=None, ge=1)
     trial_retries: int = Field(default=1, ge=0)
     registered_model: str = "memlab-champion"

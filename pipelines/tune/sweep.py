@@ -23,6 +23,7 @@ from pipelines.experiment import ExperimentConfig, apply_overrides
 from pipelines.train.driver import train
 from pipelines.train.tracking import client_for, retrying
 from pipelines.tune.champion import open_parent_run, register_champions
+from pipelines.tune.pbt import check_pbt_space, log_schedule_plot, pbt_scheduler, pbt_trial
 from pipelines.tune.results import results_table, write_report
 from pipelines.tune.settings import SweepOutcome, SweepSettings
 from pipelines.tune.space import Dimension, grid_size, parse_space, tune_param_space
@@ -41,13 +42,22 @@ def run_sweep(
     """Run (or with `resume`, continue) the sweep; `callbacks` are Tune callbacks in this process
     (a progress display)."""
     space = parse_space(raw_space, base)  # fails here, before any trial, on a bad key or value
+    pbt = settings.scheduler == "pbt"
+    if pbt:
+        check_pbt_space(space, base)
     base = base.with_absolute_paths()  # trials run in their own working directories
     if not any(key.startswith("data.") for key in space):
         fill_cache(base.data)  # once here, so trials reuse the cache instead of racing on it
     storage = settings.storage_path.resolve()
     parent_run_id = open_parent_run(base, settings)
+    # PBT trials train in segments and report checkpoints to Tune (`pipelines.tune.pbt`).
+    trial, extra = (_trial, {})
+    if pbt:
+        trial, extra = pbt_trial, {"interval": settings.perturbation_interval}
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base, sweep=settings.name, parent_run_id=parent_run_id),
+        tune.with_parameters(
+            trial, base=base, sweep=settings.name, parent_run_id=parent_run_id, **extra
+        ),
         # The trial's own driver needs almost nothing; its Train workers ask for the real CPUs.
         {"cpu": 0.01},
     )
@@ -60,7 +70,7 @@ def run_sweep(
         tune_config=tune.TuneConfig(
             metric=settings.metric,
             mode=settings.mode,
-            scheduler=_scheduler(settings, base),
+            scheduler=pbt_scheduler(settings, space) if pbt else _scheduler(settings, base),
             search_alg=_search(settings, space),
             num_samples=settings.num_samples,
             max_concurrent_trials=settings.max_concurrent_trials or concurrent_trials(base),
@@ -74,6 +84,8 @@ def run_sweep(
     )
     results = tuner.fit()
     table = results_table(results, base, space, settings.name)
+    if pbt:
+        log_schedule_plot(table, base, parent_run_id, storage / settings.name / "report")
     return finish(table, base, settings, parent_run_id, storage)
 
 
