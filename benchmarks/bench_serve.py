@@ -49,7 +49,7 @@ from bench_common import (
 
 from memory_models.model import SequenceModel
 from pipelines.experiment import apply_overrides
-from pipelines.recipes import debug
+from pipelines.recipes import SMALL_RECALL, debug
 
 QUICK = {"concurrency": [1, 8], "requests": 40, "history": 256, "sessions": 4, "appends": 10}
 NOTE = (
@@ -60,6 +60,8 @@ NOTE = (
     "forward on the model in this process."
 )
 APP = "memlab-bench"
+
+VOCAB = SMALL_RECALL.vocab_size  # the debug recipes' vocabulary: request tokens stay in it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +133,7 @@ def percentile(values: list[float], q: float) -> float:
 
 async def load_level(url: str, sizes: Sizes, concurrency: int) -> tuple[list[float], int, float]:
     """`sizes.requests` predicts from `concurrency` clients: latencies, refusals, wall time."""
-    body = {"sequences": [[(7 * i) % 256 for i in range(sizes.predict_len)]], "top_k": 5}
+    body = {"sequences": [[(7 * i) % VOCAB for i in range(sizes.predict_len)]], "top_k": 5}
     todo = iter(range(sizes.requests))
     latencies: list[float] = []
     refused = 0
@@ -191,7 +193,7 @@ def measure_history(
 ) -> list[HistoryRow]:
     """Append chunk after chunk to one session; after each, re-send the whole history to the
     stateless endpoint, and run the same append on the model in this process."""
-    tokens = [(11 * i + 3) % 256 for i in range(sizes.history)]
+    tokens = [(11 * i + 3) % VOCAB for i in range(sizes.history)]
     timings: list[tuple[int, float, float, float]] = []  # (history, append, re-send, local)
     state = None
     with httpx.Client(base_url=url, timeout=120) as client:
@@ -320,7 +322,7 @@ def _in_process_append(model: SequenceModel, chunk: list[int], state):
 
 
 def in_process_predict_ms(model: SequenceModel, sizes: Sizes) -> float:
-    tokens = torch.tensor([[(7 * i) % 256 for i in range(sizes.predict_len)]])
+    tokens = torch.tensor([[(7 * i) % VOCAB for i in range(sizes.predict_len)]])
 
     @torch.inference_mode()
     def run() -> None:
