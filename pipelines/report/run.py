@@ -5,6 +5,7 @@ into a folder of figures, tables and `report.md`, logged to the MQAR sweep's MLf
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pipelines.report.collect import SweepTables, read_sweep
 from pipelines.report.markdown import ReportContext, report_markdown
 from pipelines.report.plan import check_fits, plan, plan_lines
 from pipelines.report.scales import ReportScale, scale
-from pipelines.train.tracking import client_for, git_commit, retrying
+from pipelines.train.tracking import client_for, retrying
 from pipelines.tune.settings import SweepSettings
 from pipelines.tune.space import planned_trials
 from pipelines.tune.sweep import run_sweep
@@ -106,7 +107,7 @@ def run_report(
         scale=chosen,
         name=name,
         command=_command(settings),
-        git_commit=git_commit(),
+        git_commit=_source_commit(),
         tracking_uri=frontier_base.tracking.resolved_uri(),
         plan=plan_lines(plan(chosen, name)),
     )
@@ -171,6 +172,22 @@ def _log(tracking_uri: str, run_id: str, files: list[Path]) -> None:
     client = client_for(tracking_uri)
     for path in files:
         retrying(lambda path=path: client.log_artifact(run_id, str(path), "report"))
+
+
+def _source_commit() -> str:
+    """The commit of the code that ran, wherever the command ran from (MLflow's `git_commit`
+    asks the working directory)."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except OSError:
+        return "unknown"
+    return done.stdout.strip() or "unknown"
 
 
 def _title(context: ReportContext) -> str:
