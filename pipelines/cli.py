@@ -290,7 +290,7 @@ def report(
     from pipelines.experiment import OverrideError
     from pipelines.report.collect import MissingSweep
     from pipelines.report.plan import ScaleDoesNotFit
-    from pipelines.report.run import ReportSettings
+    from pipelines.report.run import ReportSettings, SweepInterrupted
     from pipelines.report.run import dry_run as plan_report
 
     try:
@@ -311,7 +311,7 @@ def report(
         return
     try:
         outcome = _run_report(settings, ray_address, verbose)
-    except (ScaleDoesNotFit, MissingSweep) as error:
+    except (ScaleDoesNotFit, MissingSweep, SweepInterrupted) as error:
         console.print(f"[bold red]error:[/bold red] {error}", highlight=False)
         raise typer.Exit(1) from None
     console.print(f"[bold green]report[/bold green] {outcome.report}")

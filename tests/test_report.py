@@ -98,6 +98,12 @@ def test_the_figures_are_pngs(tmp_path):
         figures.configuration_heat_map(trials, tmp_path / "configs.png"),
         figures.forgetting_heat_map(forgetting, tmp_path / "forgetting.png"),
     ]
+    # A sweep where nothing finished an epoch still gets its (empty) pictures.
+    failed = trials.assign(val_accuracy=float("nan")).drop(columns=[T4, T8])
+    paths += [
+        figures.frontier(failed, tmp_path / "empty_frontier.png", "test"),
+        figures.configuration_heat_map(failed, tmp_path / "empty_configs.png"),
+    ]
     for path in paths:
         assert path.read_bytes()[:8] == PNG_MAGIC
 

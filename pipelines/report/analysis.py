@@ -30,7 +30,7 @@ def pareto_front(trials: pd.DataFrame, metric: str = METRIC) -> pd.Series:
         if row[metric] > best:
             front.add(index)
             best = row[metric]
-    return pd.Series([index in front for index in trials.index], index=trials.index)
+    return pd.Series([index in front for index in trials.index], index=trials.index, dtype=bool)
 
 
 def config_columns(trials: pd.DataFrame) -> list[str]:

@@ -19,6 +19,7 @@ from pipelines.tune.champion import SWEEP_TAG
 
 # Tune's clock per result (`timestamp`, `time_total_s`) and the loop's own (`train_seconds`).
 TIMES = ("timestamp", "time_total_s", "train_seconds")
+ENDED = frozenset({"TERMINATED", "ERROR"})  # Tune's trial states that will not run again
 
 
 class MissingSweep(ValueError):
@@ -34,6 +35,7 @@ class SweepTables:
     epochs: pd.DataFrame
     parent_run_id: str | None
     wall_seconds: float
+    unfinished: int  # trials neither done nor failed: the sweep was interrupted
 
 
 def read_sweep(path: Path, base: ExperimentConfig) -> SweepTables:
@@ -46,6 +48,7 @@ def read_sweep(path: Path, base: ExperimentConfig) -> SweepTables:
         raise MissingSweep(f"no sweep at {path}: {error}") from None
     runs, parent = _mlflow_runs(base, path.name)
     rows, epochs = [], []
+    unfinished = sum(trial.status not in ENDED for trial in analysis.trials)
     for trial in analysis.trials:
         history = _epochs(analysis.trial_dataframes.get(trial.trial_id))
         config = apply_overrides(base, dict(trial.config))
@@ -56,7 +59,7 @@ def read_sweep(path: Path, base: ExperimentConfig) -> SweepTables:
     if len(trials):
         trials["mlflow_run_id"] = [runs.get(f"{path.name}-{t}") for t in trials["trial_id"]]
     arrived = _arrival_order(epochs)
-    return SweepTables(path.name, trials, arrived, parent, _wall_seconds(arrived))
+    return SweepTables(path.name, trials, arrived, parent, _wall_seconds(arrived), unfinished)
 
 
 def trial_row(config: ExperimentConfig, history: pd.DataFrame, failed: bool) -> dict[str, Any]:

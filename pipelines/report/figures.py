@@ -46,7 +46,10 @@ def frontier(trials: pd.DataFrame, path: Path, title: str) -> Path:
         label="on the Pareto front",
     )
     axis.scatter([], [], facecolors="none", edgecolors="grey", label="stopped early (ASHA)")
-    axis.set_xscale("log")
+    if scored.empty:
+        axis.text(0.5, 0.5, "no trial finished an epoch", ha="center", transform=axis.transAxes)
+    else:
+        axis.set_xscale("log")
     axis.set(xlabel="state bytes per sequence (log)", ylabel="validation accuracy")
     axis.set(ylim=(-0.02, 1.02), title=title)
     axis.grid(alpha=0.3, which="both")
@@ -67,7 +70,7 @@ def _points(axis, group: pd.DataFrame, color) -> None:
 def configuration_heat_map(trials: pd.DataFrame, path: Path) -> Path:
     """Accuracy per test configuration (columns) for every mechanism and state size (rows)."""
     table = by_configuration(trials)
-    columns = [c for c in table.columns if c.startswith("T=")]
+    columns = [c for c in table.columns if c.startswith("T=")] or [METRIC]
     labels = [
         f"{row.mechanism} m={row.memory_size} d={row.d_model} ({_bytes(row.state_bytes)})"
         for row in table.itertuples()

@@ -38,6 +38,10 @@ REGISTERED_MODEL = "memlab-report"
 Progress = Callable[[str, int | None], AbstractContextManager[list[Any]]]
 
 
+class SweepInterrupted(RuntimeError):
+    """A sweep ended with trials left to run (Ctrl-C); `--resume` finishes it."""
+
+
 class ReportSettings(Strict):
     scale: str = "cpu"
     name: str | None = Field(default=None, description="default: report-<scale>")
@@ -97,12 +101,14 @@ def run_report(
     name = settings.sweep_name
     if settings.from_sweep is None:
         check_fits(chosen, resources or {})
-        _sweep(frontier_base, chosen.frontier_space(), name, chosen, settings, progress)
-        forgetting_space = chosen.forgetting_space()
-        _sweep(forgetting_base, forgetting_space, f"{name}-forgetting", chosen, settings, progress)
-    storage = settings.storage_path.resolve()
-    frontier = read_sweep(storage / name, frontier_base)
-    forgetting = read_sweep(storage / f"{name}-forgetting", forgetting_base)
+    sweeps = (
+        (frontier_base, chosen.frontier_space(), name),
+        (forgetting_base, chosen.forgetting_space(), f"{name}-forgetting"),
+    )
+    frontier, forgetting = (
+        _sweep_tables(base, space, sweep, chosen, settings, progress)
+        for base, space, sweep in sweeps
+    )
     context = ReportContext(
         scale=chosen,
         name=name,
@@ -112,6 +118,27 @@ def run_report(
         plan=plan_lines(plan(chosen, name)),
     )
     return write_report(settings.folder, context, frontier, forgetting)
+
+
+def _sweep_tables(
+    base: ExperimentConfig,
+    space: dict[str, Any],
+    name: str,
+    chosen: ReportScale,
+    settings: ReportSettings,
+    progress: Progress | None,
+) -> SweepTables:
+    """Run the sweep (unless reading one) and read it back; an interrupted sweep (Ctrl-C: Tune
+    returns what it has) stops the report here, before the next sweep starts."""
+    if settings.from_sweep is None:
+        _sweep(base, space, name, chosen, settings, progress)
+    tables = read_sweep(settings.storage_path.resolve() / name, base)
+    if tables.unfinished and settings.from_sweep is None:
+        raise SweepInterrupted(
+            f"sweep {name} stopped with {tables.unfinished} trial(s) unfinished; run the same "
+            "command with --resume to finish it (finished trials are not redone)"
+        )
+    return tables
 
 
 def _sweep(
