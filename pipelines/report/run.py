@@ -101,13 +101,11 @@ def run_report(
     name = settings.sweep_name
     if settings.from_sweep is None:
         check_fits(chosen, resources or {})
-    sweeps = (
-        (frontier_base, chosen.frontier_space(), name),
-        (forgetting_base, chosen.forgetting_space(), f"{name}-forgetting"),
+    frontier = _sweep_tables(
+        frontier_base, chosen.frontier_space(), name, chosen, settings, progress
     )
-    frontier, forgetting = (
-        _sweep_tables(base, space, sweep, chosen, settings, progress)
-        for base, space, sweep in sweeps
+    forgetting = _sweep_tables(
+        forgetting_base, chosen.forgetting_space(), f"{name}-forgetting", chosen, settings, progress
     )
     context = ReportContext(
         scale=chosen,
