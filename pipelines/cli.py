@@ -276,6 +276,10 @@ def report(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan (trials, steps, hours); no Ray.")
     ] = False,
+    grace_period: Annotated[
+        int | None,
+        typer.Option(min=1, help="ASHA: epochs before a trial may stop; default: the scale's."),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Report folder; default memlab_runs/reports/NAME.")
     ] = None,
@@ -300,6 +304,7 @@ def report(
             from_sweep=from_sweep,
             resume=resume,
             overrides=tuple(overrides or ()),
+            grace_period=grace_period,
             out=out,
         )
         plan = plan_report(settings)  # checks the scale, the overrides and every grid point

@@ -74,7 +74,8 @@ def validate(path: str, params: dict) -> None:
     elif path == "report":
         from pipelines.report.run import ReportSettings, report_bases
 
-        settings = {key: params[key] for key in ("scale", "name", "from_sweep", "resume", "out")}
+        keys = ("scale", "name", "from_sweep", "resume", "out", "grace_period")
+        settings = {key: params[key] for key in keys}
         report_bases(ReportSettings(**settings, overrides=tuple(params["overrides"] or ())))
     elif path == "submit":
         inner_path, inner = parse([params["command"], *(params["args"] or [])])

@@ -41,6 +41,7 @@ class ReportContext:
     git_commit: str
     tracking_uri: str
     plan: list[str]
+    grace_period: int
 
 
 def table(frame: pd.DataFrame) -> str:
@@ -108,7 +109,7 @@ def _setup(context: ReportContext, frontier: SweepTables, forgetting: SweepTable
         + f"; forget thresholds {list(scale.thresholds)} (each kind's largest memory).",
         f"- Training: `{_json(train.model_dump(mode='json'))}`, learning rates "
         f"{list(scale.learning_rates)}; seeds: data {scale.data.seed}, training {train.seed}.",
-        f"- ASHA: by epoch, grace period {scale.grace_period}, reduction factor 2, last rung "
+        f"- ASHA: by epoch, grace period {context.grace_period}, reduction factor 2, last rung "
         f"before epoch {train.epochs}; a stopped trial keeps its best epoch so far.",
         f"- Ray: {scale.scaling.num_workers} worker(s) per trial, "
         f"{scale.scaling.cpus_per_worker:g} CPU each, GPU {scale.scaling.use_gpu}.",

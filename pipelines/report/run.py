@@ -48,6 +48,7 @@ class ReportSettings(Strict):
     from_sweep: str | None = Field(default=None, description="read this sweep, run nothing")
     resume: bool = False
     overrides: tuple[str, ...] = ()
+    grace_period: int | None = Field(default=None, ge=1, description="default: the scale's")
     storage_path: Path = RUNS_DIR / "tune"
     out: Path | None = Field(default=None, description="default: memlab_runs/reports/<name>")
 
@@ -114,6 +115,7 @@ def run_report(
         git_commit=_source_commit(),
         tracking_uri=frontier_base.tracking.resolved_uri(),
         plan=plan_lines(plan(chosen, name)),
+        grace_period=settings.grace_period or chosen.grace_period,
     )
     return write_report(settings.folder, context, frontier, forgetting)
 
@@ -150,7 +152,7 @@ def _sweep(
     sweep = SweepSettings(
         name=name,
         scheduler="asha",
-        grace_period=chosen.grace_period,
+        grace_period=settings.grace_period or chosen.grace_period,
         registered_model=REGISTERED_MODEL,
         storage_path=settings.storage_path,
     )
@@ -223,4 +225,5 @@ def _command(settings: ReportSettings) -> str:
     words = ["memlab", "report", "--scale", settings.scale]
     words += ["--from-sweep", settings.from_sweep] if settings.from_sweep else []
     words += ["--name", settings.name] if settings.name and not settings.from_sweep else []
+    words += ["--grace-period", str(settings.grace_period)] if settings.grace_period else []
     return " ".join(words + list(settings.overrides))
