@@ -107,7 +107,7 @@ def _setup(context: ReportContext, frontier: SweepTables, forgetting: SweepTable
         "- Mechanisms and memory sizes: "
         + "; ".join(f"{g.kind} {list(g.memory_sizes)}" for g in scale.mechanisms)
         + f"; forget thresholds {list(scale.thresholds)} (each kind's largest memory).",
-        f"- Training: `{_json(train.model_dump(mode='json'))}`, learning rates "
+        f"- Training: `{_json(train.model_dump(mode='json', exclude={'lr'}))}`, learning rates "
         f"{list(scale.learning_rates)}; seeds: data {scale.data.seed}, training {train.seed}.",
         f"- ASHA: by epoch, grace period {context.grace_period}, reduction factor 2, last rung "
         f"before epoch {train.epochs}; a stopped trial keeps its best epoch so far.",
