@@ -222,8 +222,9 @@ def _title(context: ReportContext) -> str:
 
 
 def _command(settings: ReportSettings) -> str:
+    """The command that runs these sweeps (also for a report read with --from-sweep)."""
     words = ["memlab", "report", "--scale", settings.scale]
-    words += ["--from-sweep", settings.from_sweep] if settings.from_sweep else []
-    words += ["--name", settings.name] if settings.name and not settings.from_sweep else []
+    if settings.sweep_name != f"report-{settings.scale}":
+        words += ["--name", settings.sweep_name]
     words += ["--grace-period", str(settings.grace_period)] if settings.grace_period else []
     return " ".join(words + list(settings.overrides))
