@@ -271,6 +271,99 @@ def _check_pbt(base, raw_space: dict) -> None:
         raise typer.BadParameter(str(error), param_hint="--scheduler pbt/--space/-m") from None
 
 
+@app.command()
+def report(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Dotted overrides of both sweeps' base config: train.epochs=2"),
+    ] = None,
+    scale: Annotated[
+        str, typer.Option(help="gpu (Zoology's sizes), cpu (about an hour on 2 cores) or tiny.")
+    ] = "cpu",
+    name: Annotated[
+        str | None, typer.Option(help="Sweep name (default report-SCALE); NAME-forgetting too.")
+    ] = None,
+    from_sweep: Annotated[
+        str | None, typer.Option(help="Read the sweeps NAME and NAME-forgetting; run nothing.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue interrupted sweeps of this name.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan (trials, steps, hours); no Ray.")
+    ] = False,
+    grace_period: Annotated[
+        int | None,
+        typer.Option(min=1, help="ASHA: epochs before a trial may stop; default: the scale's."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Report folder; default memlab_runs/reports/NAME.")
+    ] = None,
+    ray_address: RayAddressOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Zoology's recall-against-state-size report: sweep mechanism x memory size x d_model on
+    MQAR (and forget threshold on forgetting-MQAR) with Ray Tune, then write frontier.png, the
+    per-configuration and forgetting tables and report.md, logged to the sweep's MLflow run."""
+    from pydantic import ValidationError
+
+    from pipelines.experiment import OverrideError
+    from pipelines.report.collect import MissingSweep
+    from pipelines.report.plan import ScaleDoesNotFit
+    from pipelines.report.run import ReportSettings, SweepInterrupted
+    from pipelines.report.run import dry_run as plan_report
+
+    try:
+        settings = ReportSettings(
+            scale=scale,
+            name=name,
+            from_sweep=from_sweep,
+            resume=resume,
+            overrides=tuple(overrides or ()),
+            grace_period=grace_period,
+            out=out,
+        )
+        plan = plan_report(settings)  # checks the scale, the overrides and every grid point
+    except (ValidationError, OverrideError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="--scale/OVERRIDES") from None
+    for line in plan:
+        console.print(line, markup=False, highlight=False)
+    if dry_run:
+        return
+    try:
+        outcome = _run_report(settings, ray_address, verbose)
+    except (ScaleDoesNotFit, MissingSweep, SweepInterrupted) as error:
+        console.print(f"[bold red]error:[/bold red] {error}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"[bold green]report[/bold green] {outcome.report}")
+    console.print(f"files: {', '.join(path.name for path in outcome.files)}")
+    if outcome.parent_run_id:
+        console.print(f"logged to MLflow run {outcome.parent_run_id} (artifacts under report/)")
+
+
+def _run_report(settings, ray_address: str | None, verbose: bool):
+    """Both sweeps on Ray with a progress bar each, or only the reading with --from-sweep."""
+    import ray
+
+    from pipelines.display import sweep_progress
+    from pipelines.report.run import run_report
+
+    def progress(sweep: str, total: int | None):
+        return _callbacks(sweep_progress(console, sweep, total, "val_accuracy", "max"))
+
+    if settings.from_sweep:
+        with _framework_logs("report", verbose):
+            return run_report(settings)
+    with _framework_logs("report", verbose), _ray(ray_address):
+        return run_report(settings, ray.cluster_resources(), progress)
+
+
+@contextmanager
+def _callbacks(shown) -> Iterator[list]:
+    with shown as callback:
+        yield [callback]
+
+
 @app.command("serve")
 def serve_command(
     model_uri: Annotated[

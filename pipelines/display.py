@@ -127,7 +127,12 @@ class SweepProgress(tune.Callback):
 
 
 def _trial_label(config: dict[str, Any]) -> str:
-    return ", ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in config.items())
+    """`kind=gru, memory_size=64`; a whole config swept as one value shows its own fields."""
+    pairs = []
+    for key, value in config.items():
+        inner = value.items() if isinstance(value, dict) else [(key.rsplit(".", 1)[-1], value)]
+        pairs += [f"{name}={shown}" for name, shown in inner]
+    return ", ".join(pairs)
 
 
 @contextmanager

@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,15 +127,45 @@ def start_private(log_to_driver: bool = True) -> None:
 
     At least 4 logical CPUs: fractional Train workers, Ray Data tasks and a Tune driver all fit
     on a 2-core laptop without anyone waiting forever for a CPU.
+
+    Its GCS port is chosen here and every process of the cluster inherits `RAY_ADDRESS` naming
+    it: Ray Train's placement-group cleaner finds its cluster by that variable, else by scanning
+    the machine, which fails when other Ray instances run here ("Found multiple active Ray
+    instances"); a trial ASHA stopped early then kept its CPUs and later trials waited forever.
     """
-    ray.init(
-        address="local",  # a new cluster even when a head runs here (else Ray may join it)
-        num_cpus=max(4, os.cpu_count() or 1),
-        include_dashboard=True,  # Train's placement-group cleanup needs the state API
-        dashboard_host="127.0.0.1",
-        log_to_driver=log_to_driver,
-    )
+    port = _free_port()
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    with _environment({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": address}):
+        ray.init(
+            address="local",  # a new cluster even when a head runs here (else Ray may join it)
+            num_cpus=max(4, os.cpu_count() or 1),
+            include_dashboard=True,  # Train's placement-group cleanup needs the state API
+            dashboard_host="127.0.0.1",
+            log_to_driver=log_to_driver,
+        )
     private_token()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in this process's environment for the block (the processes Ray starts in it
+    keep them), the previous values after."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def private_token() -> None:

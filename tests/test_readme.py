@@ -71,6 +71,12 @@ def validate(path: str, params: dict) -> None:
         config_from_overrides(params["task"], params["overrides"])
     elif path == "serve":
         ServeArgs(model_uri=params["model_uri"], tracking_uri=params["tracking_uri"])
+    elif path == "report":
+        from pipelines.report.run import ReportSettings, report_bases
+
+        keys = ("scale", "name", "from_sweep", "resume", "out", "grace_period")
+        settings = {key: params[key] for key in keys}
+        report_bases(ReportSettings(**settings, overrides=tuple(params["overrides"] or ())))
     elif path == "submit":
         inner_path, inner = parse([params["command"], *(params["args"] or [])])
         validate(inner_path, inner)

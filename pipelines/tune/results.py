@@ -52,13 +52,18 @@ def _row(config: ExperimentConfig, params: dict, history, error) -> dict[str, An
         "mechanism": memory.kind,
         "memory_size": memory.memory_size,
         "forget_threshold": memory.forget_threshold,
-        **{key: value for key, value in params.items() if not key.startswith(MEMORY_PREFIX)},
+        # A whole memory config swept as one value (`memlab report`) is in the columns above.
+        **{key: value for key, value in params.items() if not _memory_key(key)},
         "state_bytes": config.state_bytes_per_sequence(),
         "val_accuracy": _best(history, "val_accuracy", max),
         "val_loss": _best(history, "val_loss", min),
         "epochs": _best(history, "epoch", max),
         "status": "error" if error else "ok",
     }
+
+
+def _memory_key(key: str) -> bool:
+    return key == MEMORY_PREFIX.rstrip(".") or key.startswith(MEMORY_PREFIX)
 
 
 def _best(history: pd.DataFrame | None, column: str, pick) -> float:

@@ -1,0 +1,1 @@
+"""`memlab report`: Zoology's recall-against-state-size comparison, run and written up."""
