@@ -169,7 +169,7 @@ def controller_settings(args: argparse.Namespace) -> CapacitySettings:
 
 def run_pbt(args: argparse.Namespace) -> CapacityRow:
     """The same task through `run_sweep(scheduler="pbt")` on a private local Ray cluster."""
-    from pipelines.experiment import apply_overrides
+    from pipelines.experiment import apply_overrides, outputs_under
     from pipelines.recipes import mqar_demo
     from pipelines.runtime import start_private
     from pipelines.tune.settings import SweepSettings
@@ -188,9 +188,7 @@ def run_pbt(args: argparse.Namespace) -> CapacityRow:
             "train.warmup_steps": args.warmup_steps,
             "train.max_eval_batches": None,
             "scaling.cpus_per_worker": 0.5,
-            "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-            "run.storage_path": str(root / "ray"),
-            "data.cache_dir": str(root / "data"),
+            **outputs_under(root),
         },
     )
     space = {

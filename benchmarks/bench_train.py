@@ -60,7 +60,7 @@ from ray.train.torch import TorchTrainer
 from memory_models.registry import REGISTRY
 from pipelines.data.batches import shard_batches
 from pipelines.data.build import PreparedData, build_datasets
-from pipelines.experiment import ExperimentConfig, apply_overrides
+from pipelines.experiment import ExperimentConfig, apply_overrides, outputs_under
 from pipelines.recipes import mqar_small
 from pipelines.train.loop import StepOptions, TrainingModule, lr_schedule, to_device, train_steps
 
@@ -159,12 +159,10 @@ def experiment(sizes: Sizes, root: Path, workers: int, scaled: bool = False) -> 
         "train.max_eval_batches": 1,
         "data.num_train_examples": max(workers, 1) * steps * batch,
         "data.num_test_examples": 64,
-        "data.cache_dir": str(root / "data"),
         "scaling.num_workers": max(workers, 1),
         "scaling.cpus_per_worker": 1.0,
         "scaling.use_gpu": sizes.device == "cuda",
-        "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-        "run.storage_path": str(root / "ray"),
+        **outputs_under(root),
     }
     return apply_overrides(mqar_small(sizes.kind), overrides)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import ray
 from bench_common import format_table, log, machine_info, parse_with_quick, run_each, write_results
 
-from pipelines.experiment import ExperimentConfig, apply_overrides
+from pipelines.experiment import ExperimentConfig, apply_overrides, outputs_under
 from pipelines.recipes import CLAIMS, Claim, recipe
 from pipelines.train.driver import planned_steps, train
 
@@ -55,9 +55,7 @@ def configured(name: str, root: Path, max_steps: int | None) -> ExperimentConfig
     """The recipe's defaults, with only where it writes moved into `root` (and, for a smoke run,
     the steps capped)."""
     overrides: dict[str, object] = {
-        "data.cache_dir": str(root / "data"),
-        "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-        "run.storage_path": str(root / "ray"),
+        **outputs_under(root),
         "run.name": f"check-{name}",
     }
     if max_steps is not None:

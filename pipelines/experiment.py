@@ -182,6 +182,16 @@ class OverrideError(ValueError):
     """A dotted override that does not fit the experiment config."""
 
 
+def outputs_under(root: Path) -> dict[str, str]:
+    """Overrides that put everything a run writes under `root`: the MLflow store (SQLite), Ray's
+    run storage and the data cache. For throwaway runs: tests, benchmarks, experiments."""
+    return {
+        "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+        "run.storage_path": str(root / "ray"),
+        "data.cache_dir": str(root / "data"),
+    }
+
+
 def apply_overrides(
     config: ExperimentConfig, overrides: dict[str, Any] | list[str]
 ) -> ExperimentConfig:

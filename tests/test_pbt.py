@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.checkpoint import read_config
-from pipelines.experiment import apply_overrides
+from pipelines.experiment import apply_overrides, outputs_under
 from pipelines.recipes import debug
 from pipelines.train.driver import train
 from pipelines.tune.pbt import PLOT_FILE
@@ -24,9 +24,7 @@ def _base(root: Path, **extra):
     return apply_overrides(
         debug("attention"),
         {
-            "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-            "run.storage_path": str(root / "ray"),
-            "data.cache_dir": str(root / "data"),
+            **outputs_under(root),
             "data.num_train_examples": 128,
             "data.num_test_examples": 32,
             "train.epochs": 2,

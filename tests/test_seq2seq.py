@@ -19,7 +19,7 @@ from pipelines.data.config import (
 from pipelines.data.tasks import generate, seq2seq_copy, seq2seq_recall
 from pipelines.data.tasks.common import IGNORE, row_hashes
 from pipelines.data.tasks.seq2seq import as_decoder_only
-from pipelines.experiment import ExperimentConfig, OverrideError, apply_overrides
+from pipelines.experiment import ExperimentConfig, OverrideError, apply_overrides, outputs_under
 from pipelines.recipes import debug_encdec, encoder_decoder, recipe
 from pipelines.train.loop import TrainingModule, evaluate, lr_schedule, train_batch
 from pipelines.train.metrics import EvalAccumulator
@@ -297,9 +297,7 @@ def test_debug_encdec_has_a_pulse_on_two_workers(ray_local, tmp_path):
     config = apply_overrides(
         debug_encdec(),
         {
-            "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "run.storage_path": str(tmp_path / "ray"),
-            "data.cache_dir": str(tmp_path / "data"),
+            **outputs_under(tmp_path),
             "train.max_steps_per_epoch": 2,
             "train.log_every_steps": 1,
             "train.max_eval_batches": 1,

@@ -16,7 +16,7 @@ from memory_models.model import SequenceModelConfig
 from memory_models.registry import REGISTRY, memory_config
 from pipelines.data import tasks
 from pipelines.data.batches import shard_batches
-from pipelines.experiment import OverrideError, apply_overrides
+from pipelines.experiment import OverrideError, apply_overrides, outputs_under
 from pipelines.recipes import SMALL_RECALL, debug
 from pipelines.train.loop import (
     StartedEarly,
@@ -212,9 +212,7 @@ def test_overrides_apply_and_fail_with_the_key_named():
 
 def _tiny(kind: str, root: Path, **overrides):
     values = {
-        "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-        "run.storage_path": str(root / "ray"),
-        "data.cache_dir": str(root / "data"),
+        **outputs_under(root),
         "train.max_steps_per_epoch": 2,
         "train.log_every_steps": 1,
         "data.num_train_examples": 128,

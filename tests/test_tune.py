@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.experiment import apply_overrides
+from pipelines.experiment import apply_overrides, outputs_under
 from pipelines.recipes import debug
 from pipelines.tune.settings import SweepSettings
 from pipelines.tune.space import SpaceError, parse_space
@@ -22,9 +22,7 @@ def _base(root: Path):
     return apply_overrides(
         debug("gru"),
         {
-            "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-            "run.storage_path": str(root / "ray"),
-            "data.cache_dir": str(root / "data"),
+            **outputs_under(root),
             "data.num_train_examples": 128,
             "data.num_test_examples": 32,
             "train.epochs": 2,
