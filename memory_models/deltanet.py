@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from memory_models.common import merge_heads, require_heads_divide, split_heads
 from memory_models.layer import MemoryConfig, MemoryLayer
+from memory_models.short_conv import ShortConvolution
 from memory_models.state import MemoryState
 
 
@@ -196,11 +197,7 @@ class DeltaNetLayer(MemoryLayer):
         self.value_dim = d_model // config.n_heads
         self.width = 2 * self.n_heads * self.key_dim + d_model  # q, k and v side by side
         self.qkv = nn.Linear(d_model, self.width, bias=False)
-        self.conv = None
-        if config.conv_size is not None:
-            self.conv = nn.Conv1d(
-                self.width, self.width, config.conv_size, groups=self.width, bias=False
-            )
+        self.short_conv = ShortConvolution(self.width, config.conv_size)
         self.write_strength = nn.Linear(d_model, self.n_heads)
         if config.gated:
             self.decay = nn.Linear(d_model, self.n_heads)
@@ -217,21 +214,17 @@ class DeltaNetLayer(MemoryLayer):
             step = torch.empty(self.n_heads).uniform_(low, high).exp()
             self.decay.bias.copy_(step + torch.log(-torch.expm1(-step)))  # softplus^-1(step)
 
-    @property
-    def _history(self) -> int:
-        return 0 if self.config.conv_size is None else self.config.conv_size - 1
-
     def init_state(
         self, batch_size: int, device=None, dtype: torch.dtype = torch.float32
     ) -> DeltaNetState:
         shape = (batch_size, self.n_heads, self.key_dim, self.value_dim)
         return DeltaNetState(
             memory=torch.zeros(shape, device=device, dtype=dtype),
-            conv=torch.zeros(batch_size, self._history, self.width, device=device, dtype=dtype),
+            conv=self.short_conv.empty_history(batch_size, device, dtype),
         )
 
     def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        numbers = self.n_heads * self.key_dim * self.value_dim + self._history * self.width
+        numbers = self.n_heads * self.key_dim * self.value_dim + self.short_conv.history_numbers()
         return numbers * torch.finfo(dtype).bits // 8
 
     def forward(
@@ -239,7 +232,7 @@ class DeltaNetLayer(MemoryLayer):
     ) -> tuple[Tensor, DeltaNetState]:
         """`x: [B, T, D]` -> `y: [B, T, D]` through the chunkwise-parallel delta rule."""
         state = self._state_or_init(x, state)
-        inputs, conv = self._project(x, state, self._convolve)
+        inputs, conv = self._project(x, state, self.short_conv)
         reads, memory = delta_rule_chunkwise(inputs, state.memory, self.config.chunk_size)
         return self._merge_heads(reads), DeltaNetState(memory=memory, conv=conv)
 
@@ -248,7 +241,7 @@ class DeltaNetLayer(MemoryLayer):
     ) -> tuple[Tensor, DeltaNetState]:
         """One token at a time: the convolution window, then the recurrence as written."""
         state = self._state_or_init(x, state)
-        inputs, conv = self._project(x, state, self._convolve_stepwise)
+        inputs, conv = self._project(x, state, self.short_conv.stepwise)
         reads, memory = delta_rule_recurrent(inputs, state.memory)
         return self._merge_heads(reads), DeltaNetState(memory=memory, conv=conv)
 
@@ -277,26 +270,6 @@ class DeltaNetLayer(MemoryLayer):
         rate = self.decay_rate_log.exp()[:, None]  # [H, 1]
         log_decay = -rate * F.softplus(self.decay(x)).transpose(1, 2)  # [B, H, T]
         return log_decay, log_decay.exp() < self.config.forget_threshold
-
-    def _convolve(self, mixed: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
-        """Causal depthwise convolution of `mixed: [B, T, width]` after `history`, in one call."""
-        if self.conv is None:
-            return mixed, history
-        padded = torch.cat([history, mixed], dim=1)  # [B, K-1+T, width]
-        convolved = self.conv(padded.transpose(1, 2)).transpose(1, 2)  # [B, T, width]
-        return convolved, padded[:, padded.shape[1] - self._history :]
-
-    def _convolve_stepwise(self, mixed: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
-        """The same convolution one step at a time: each output weighs its last K inputs."""
-        if self.conv is None:
-            return mixed, history
-        taps = self.conv.weight[:, 0].T  # [K, width]: oldest first
-        outputs = []
-        for t in range(mixed.shape[1]):
-            window = torch.cat([history, mixed[:, t : t + 1]], dim=1)  # [B, K, width]
-            outputs.append((window * taps).sum(1))
-            history = window[:, 1:]
-        return torch.stack(outputs, dim=1), history
 
     def _merge_heads(self, reads: Tensor) -> Tensor:
         return self.out(merge_heads(reads))  # [B, H, T, Dv] -> [B, T, D]

@@ -23,6 +23,9 @@ GATE_TEMPERATURE = 16.0
 @dataclasses.dataclass
 class GLAState(MemoryState):
     memory: Tensor  # [B, H, Dk, Dv]: S, each key row decayed by its own gate
+    # [B, K-1, C]: the short convolution's last K-1 inputs (`memory_models.short_conv`); no rows
+    # without a convolution.
+    conv: Tensor
 
     def live_entries(self) -> Tensor:
         # Each head holds one value direction per key dimension: Dk entries, always in use.
@@ -39,6 +42,8 @@ class GLAConfig(MemoryConfig):
     are around 0.8 to 0.99. `gate_rank`: rank of the low-rank gate projection W1 W2.
     `chunk_size`: tokens per chunk of the fast path; it changes speed, never results (16 was
     fastest on CPU at d_model 128).
+    `conv_size`: taps of the short causal convolution on q, k and v (`memory_models.short_conv`;
+    `None`: none); it adds `(conv_size - 1) * (2 * n_heads * d_k + d_model)` numbers of state.
     """
 
     shape_bound = frozenset({"memory_size"})  # d_k sizes the query, key and gate projections
@@ -48,6 +53,7 @@ class GLAConfig(MemoryConfig):
     n_heads: int = Field(default=4, ge=1)
     chunk_size: int = Field(default=16, ge=1)
     gate_rank: int = Field(default=16, ge=1)
+    conv_size: int | None = Field(default=None, ge=2)
 
     def build(self, d_model: int) -> GLALayer:
         require_heads_divide(self.n_heads, d_model)

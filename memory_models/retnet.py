@@ -19,6 +19,9 @@ from memory_models.state import MemoryState
 @dataclasses.dataclass
 class RetNetState(MemoryState):
     memory: Tensor  # [B, H, Dk, Dv]: S = sum of gamma^(age) k v^T
+    # [B, K-1, C]: the short convolution's last K-1 inputs (`memory_models.short_conv`); no rows
+    # without a convolution.
+    conv: Tensor
 
     def live_entries(self) -> Tensor:
         # Each head holds one value direction per key dimension: Dk entries, always in use.
@@ -34,6 +37,8 @@ class RetNetConfig(MemoryConfig):
     0.96875, 0.984375, ... (rising with h), so thresholds up to 0.96875 change nothing; 0.99 cuts
     the first two heads. `chunk_size`: tokens per chunk of the fast path; it changes speed, never
     results (16 was fastest on CPU at d_model 128).
+    `conv_size`: taps of the short causal convolution on q, k and v (`memory_models.short_conv`;
+    `None`: none); it adds `(conv_size - 1) * (2 * n_heads * d_k + d_model)` numbers of state.
     """
 
     shape_bound = frozenset({"memory_size"})  # d_k sizes the query and key projections
@@ -42,6 +47,7 @@ class RetNetConfig(MemoryConfig):
     memory_size: int = Field(default=16, ge=1)
     n_heads: int = Field(default=4, ge=1)
     chunk_size: int = Field(default=16, ge=1)
+    conv_size: int | None = Field(default=None, ge=2)
 
     def build(self, d_model: int) -> RetNetLayer:
         require_heads_divide(self.n_heads, d_model)

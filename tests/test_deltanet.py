@@ -231,7 +231,7 @@ def test_threshold_zeroes_exactly_the_gates_under_it():
         snapped = gates < threshold  # [B, H, T]
         y_plain, _ = layer(x, warm)
         y_snapped, state = with_config(layer, forget_threshold=threshold)(x, warm)
-        inputs, _ = layer._project(x, warm, layer._convolve)
+        inputs, _ = layer._project(x, warm, layer.short_conv)
         reads, memory = delta_rule_recurrent(inputs._replace(reset=snapped), warm.memory)
     torch.testing.assert_close(y_snapped, layer._merge_heads(reads), atol=1e-9, rtol=0)
     torch.testing.assert_close(state.memory, memory, atol=1e-9, rtol=0)

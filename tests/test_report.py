@@ -10,12 +10,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from memory_models.registry import memory_config
 from pipelines.cli import app
 from pipelines.report import figures
 from pipelines.report.analysis import asha_compute, by_configuration, pareto_front, threshold_effect
 from pipelines.report.markdown import table
 from pipelines.report.plan import ScaleDoesNotFit, check_fits, plan
-from pipelines.report.scales import SCALES, scale
+from pipelines.report.scales import CONV_OPTION_KINDS, SCALES, MechanismGrid, scale
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 T4, T8 = "val_accuracy_seq_len_32_num_kv_pairs_4", "val_accuracy_seq_len_64_num_kv_pairs_8"
@@ -127,6 +128,24 @@ def test_every_scale_has_valid_data_and_the_cpu_grid_checks():
     assert 0.5 < cpu.wall_hours < 1.5  # "about an hour" on two cores, before ASHA's savings
     with pytest.raises(ValueError, match="unknown scale"):
         scale("laptop")
+
+
+def test_forgetting_runs_each_kind_at_its_largest_memory_full_attention_above_all():
+    attention = MechanismGrid(kind="attention", memory_sizes=(None, 16))
+    gru = MechanismGrid(kind="gru", memory_sizes=(256, 64))
+    assert [p["memory_size"] for p in attention.forgetting_points((0.0, 0.1))] == [None, None]
+    assert [p["memory_size"] for p in gru.forgetting_points((0.0,))] == [256]
+
+
+@pytest.mark.parametrize("name", ["gpu", "cpu"])
+def test_kinds_with_the_convolution_option_run_with_it(name):
+    """Without the short convolution the fixed-state kinds stay at MQAR's plateau (see
+    `scales.SHORT_CONV`); a scale that left it off would measure the wrong model."""
+    points = scale(name).frontier_space()["model.memory"]["grid"]
+    optional = [p for p in points if p["kind"] in CONV_OPTION_KINDS]
+    assert optional and all(p["conv_size"] == 4 for p in optional)
+    models = [memory_config(point).build(64) for point in points]
+    assert all(model.short_conv.size == 4 for model in models if hasattr(model, "short_conv"))
 
 
 def test_a_gpu_scale_on_a_cluster_without_gpus_is_refused_clearly():
