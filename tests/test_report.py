@@ -49,10 +49,14 @@ def test_the_pareto_front_keeps_the_trials_nothing_beats():
 
 
 def test_per_configuration_table_has_a_column_per_test_configuration():
-    shown = by_configuration(_trials())
+    trials = _trials().assign(lr=1e-3)
+    slower = trials[trials["mechanism"] == "gru"].assign(lr=3e-3, val_accuracy=0.2, **{T8: 0.1})
+    shown = by_configuration(pd.concat([slower, trials]))
     assert [c for c in shown.columns if c.startswith("T=")] == ["T=32 k=4", "T=64 k=8"]
     assert "full" in set(shown["memory_size"])  # attention's memory_size None: the whole context
-    assert shown.loc[shown["mechanism"] == "gru", "T=64 k=8"].item() == pytest.approx(0.15)
+    gru = shown[shown["mechanism"] == "gru"]
+    assert len(gru) == 1  # one row per point: its best learning rate
+    assert (gru["T=64 k=8"].item(), gru["lr"].item()) == (pytest.approx(0.15), 1e-3)
 
 
 def test_threshold_effect_is_best_minus_zero_and_zero_for_kinds_that_do_not_forget():

@@ -47,13 +47,16 @@ def config_label(column: str) -> str:
 
 def by_configuration(trials: pd.DataFrame) -> pd.DataFrame:
     """Accuracy per test configuration (columns) for every mechanism and state size (rows,
-    smallest state first within a mechanism); the best trial where several share a point."""
+    smallest state first within a mechanism); the best trial where several share a point (the
+    best learning rate, as Zoology reports), with its `lr` where the trials have one."""
     columns = config_columns(trials)
     keys = ["mechanism", "memory_size", "d_model", "state_bytes"]
+    chosen = [column for column in ("lr",) if column in trials]
     table = trials.assign(memory_size=trials["memory_size"].map(memory_label))
     best = table.sort_values(METRIC, ascending=False).drop_duplicates(keys)
     best = best.sort_values(["mechanism", "state_bytes", "d_model"])
-    out = best[[*keys, METRIC, *columns]].rename(columns={c: config_label(c) for c in columns})
+    shown = best[[*keys, *chosen, METRIC, *columns]]
+    out = shown.rename(columns={c: config_label(c) for c in columns})
     return out.reset_index(drop=True)
 
 

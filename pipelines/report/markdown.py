@@ -108,7 +108,8 @@ def _setup(context: ReportContext, frontier: SweepTables, forgetting: SweepTable
         + "; ".join(f"{g.kind} {list(g.memory_sizes)}" for g in scale.mechanisms)
         + f"; forget thresholds {list(scale.thresholds)} (each kind's largest memory).",
         f"- Training: `{_json(train.model_dump(mode='json', exclude={'lr'}))}`, learning rates "
-        f"{list(scale.learning_rates)}; seeds: data {scale.data.seed}, training {train.seed}.",
+        f"{list(scale.learning_rates)} (forgetting sweep {list(scale.rates(forgetting=True))}); "
+        f"seeds: data {scale.data.seed}, training {train.seed}.",
         f"- ASHA: by epoch, grace period {context.grace_period}, reduction factor 2, last rung "
         f"before epoch {train.epochs}; a stopped trial keeps its best epoch so far.",
         f"- Ray: {scale.scaling.num_workers} worker(s) per trial, "

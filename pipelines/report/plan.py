@@ -191,9 +191,9 @@ def plan_lines(report: ReportPlan) -> list[str]:
     lines = [
         f"scale {scale.name}: {scale.why}",
         "  grid: " + "; ".join(f"{g.kind} {list(g.memory_sizes)}" for g in scale.mechanisms),
-        f"  x d_model {list(scale.d_models)} x lr {[f'{lr:.3g}' for lr in scale.learning_rates]}"
+        f"  x d_model {list(scale.d_models)} x lr {_rates(scale.learning_rates)}"
         f"; forgetting: thresholds {list(scale.thresholds)} at d_model "
-        f"{list(scale.forgetting_d_models)}",
+        f"{list(scale.forgetting_d_models)} x lr {_rates(scale.rates(forgetting=True))}",
     ]
     for sweep in report.sweeps:
         lines.append(
@@ -213,3 +213,7 @@ def plan_lines(report: ReportPlan) -> list[str]:
         "kinds that attend over a cache), 2 x parameters per test token",
     ]
     return lines
+
+
+def _rates(rates: tuple[float, ...]) -> list[str]:
+    return [f"{lr:.3g}" for lr in rates]
