@@ -88,6 +88,7 @@ class Settings(Limits):
     seq_len: int
     num_kv_pairs: int
     schedule: str
+    conv_size: int | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +132,15 @@ def build_model(kind: str, settings: Settings) -> SequenceModel:
         vocab_size=settings.vocab_size,
         d_model=settings.d_model,
         n_layers=settings.n_layers,
-        memory=memory_config({"kind": kind}),
+        memory=memory_config({"kind": kind, **short_conv(kind, settings.conv_size)}),
     )
     return config.build()
+
+
+def short_conv(kind: str, conv_size: int | None) -> dict[str, int]:
+    """`conv_size` for the kinds that take one (`memory_models.short_conv`; Mamba's own too)."""
+    takes_it = "conv_size" in REGISTRY[kind].model_fields
+    return {"conv_size": conv_size} if takes_it and conv_size is not None else {}
 
 
 def as_tensors(batch: dict[str, Any]) -> Tensors:
@@ -281,6 +288,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--num-kv-pairs", type=int, default=4)
     parser.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    parser.add_argument(
+        "--conv-size",
+        type=int,
+        default=None,
+        help="short convolution taps for the kinds that take one (default: each kind's own)",
+    )
     add_learning_options(parser, steps=3000, budget_s=90.0, output="learning.json")
     parser.add_argument("--kinds", nargs="+", choices=list(REGISTRY), help="default: all")
     return parse_with_quick(parser, argv, QUICK)
