@@ -81,9 +81,9 @@ class MatrixMemoryLayer(MemoryLayer):
 
 class GatedRetentionLayer(MatrixMemoryLayer):
     """RetNet and GLA: the memory and the convolution's history are the state (`state_type` has
-    the fields `memory` and `conv`), `q`
-    is scaled by Dk^(-1/2), the decay `_log_decay(x)` snaps to 0 under the forget threshold, and
-    the output is `(swish(_gate(x)) * GroupNorm_h(o)) W_O` with the layer's `norm` and `out`."""
+    the fields `memory` and `conv`), `q` is scaled by Dk^(-1/2), the decay `_log_decay(x)` snaps
+    to 0 under the forget threshold, and the output is `(swish(_gate(x)) * GroupNorm_h(o)) W_O`
+    with the layer's `norm` and `out`."""
 
     def init_state(
         self, batch_size: int, device=None, dtype: torch.dtype = torch.float32

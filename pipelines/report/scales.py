@@ -268,9 +268,8 @@ def cpu_scale() -> ReportScale:
             "two learning rates (1e-3, 3e-3) instead of four, d_model 64 instead of 64 to 512, "
             "six mechanisms (one or two per family) at two memory sizes: 24 frontier trials and "
             "11 forgetting trials (at 3e-3) of 8 epochs x 150 steps of 64 rows; ASHA's grace "
-            "period is 3 "
-            "epochs because attention crosses MQAR's phase transition only after about 500 "
-            "steps, later than the bounded kinds with their short convolutions"
+            "period is 3 epochs because attention crosses MQAR's phase transition only after "
+            "about 500 steps, later than the bounded kinds with their short convolutions"
         ),
         data=data,
         forgetting_data=_forgetting(data, CPU_TRAIN),
