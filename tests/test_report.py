@@ -145,6 +145,7 @@ def test_forgetting_runs_each_kind_at_its_largest_memory_full_attention_above_al
 def test_kinds_with_the_convolution_option_run_with_it(name):
     """Without the short convolution the fixed-state kinds stay at MQAR's plateau (see
     `scales.SHORT_CONV`); a scale that left it off would measure the wrong model."""
+    assert set(CONV_OPTION_KINDS) == {"linear_attention", "retnet", "gla", "deltanet"}
     points = scale(name).frontier_space()["model.memory"]["grid"]
     optional = [p for p in points if p["kind"] in CONV_OPTION_KINDS]
     assert optional and all(p["conv_size"] == 4 for p in optional)

@@ -51,7 +51,7 @@ def by_configuration(trials: pd.DataFrame) -> pd.DataFrame:
     best learning rate, as Zoology reports), with its `lr` where the trials have one."""
     columns = config_columns(trials)
     keys = ["mechanism", "memory_size", "d_model", "state_bytes"]
-    chosen = [column for column in ("lr",) if column in trials]
+    chosen = ["lr"] if "lr" in trials else []
     table = trials.assign(memory_size=trials["memory_size"].map(memory_label))
     best = table.sort_values(METRIC, ascending=False).drop_duplicates(keys)
     best = best.sort_values(["mechanism", "state_bytes", "d_model"])

@@ -45,8 +45,7 @@ class MechanismGrid(Strict):
         """The largest memory size (`None`, unbounded, above all) at every threshold where the
         kind forgets at all; a kind that does not forget gets threshold 0 only."""
         usable = thresholds if REGISTRY[self.kind].forgets else (0.0,)
-        sizes = self.memory_sizes
-        largest = None if None in sizes else max(size for size in sizes if size is not None)
+        largest = None if None in self.memory_sizes else max(self.memory_sizes)
         return [self._point(largest, t) for t in dict.fromkeys(usable)]
 
     def _point(self, size: int | None, threshold: float) -> dict[str, Any]:
@@ -162,7 +161,15 @@ FIXED_STATE_KINDS = ("gla", "deltanet", "mamba", "linear_attention", "retnet")
 # without it these kinds do not recall: on the CPU scale's mixture DeltaNet (d_k 32, lr 3e-3)
 # reached 0.99 in 300 steps with it and 0.14 after 600 without.
 SHORT_CONV = {"conv_size": 4}
-CONV_OPTION_KINDS = ("gla", "deltanet", "linear_attention", "retnet")
+
+
+def _conv_is_optional(kind: str) -> bool:
+    """Whether the kind's config has the convolution as an option (`conv_size` default None)."""
+    field = REGISTRY[kind].model_fields.get("conv_size")
+    return field is not None and field.default is None
+
+
+CONV_OPTION_KINDS = tuple(kind for kind in REGISTRY if _conv_is_optional(kind))
 
 
 def fixed_state_grid(kind: str, memory_sizes: tuple[int, ...]) -> MechanismGrid:
