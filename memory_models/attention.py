@@ -1,4 +1,5 @@
-"""Causal multi-head attention over a KV cache: full context or a sliding window."""
+"""Causal multi-head attention over a KV cache: full context, or bounded under an eviction
+policy (window, sinks, share threshold, H2O, TOVA) applied per token."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -16,10 +17,12 @@ from memory_models.common import merge_heads, require_rotary_heads
 from memory_models.layer import MemoryConfig
 from memory_models.slot_cache import (
     empty_cache,
+    keep_above_threshold,
+    keep_largest,
+    keep_newest,
     kept_rows,
     live_then_chunk,
     next_cache,
-    reference_kept,
     slot_bytes,
 )
 from memory_models.state import SlotCacheState
@@ -31,27 +34,71 @@ class AttentionState(SlotCacheState):
     values: Tensor  # [B, L, H, Dh]
     positions: Tensor  # [B, L] long: absolute position of each cached token
     valid: Tensor  # [B, L] bool: live slots (padding and evicted slots are False)
-    # [B, L]: running max over queries of the head-averaged attention probability each entry got.
-    # Only eviction reads it, so it is tracked only when forget_threshold > 0 (zeros otherwise).
+    # [B, L]: the eviction policy's statistic of each entry, from the head-averaged attention
+    # probabilities queries gave it (see AttentionConfig). Tracked only where eviction reads it
+    # (zeros under a positional policy at threshold 0).
     share: Tensor
     position: Tensor  # [B] long: tokens seen so far, the position of the next token
     evictions: Tensor  # [B] long: cache entries dropped so far (window, threshold or capacity)
 
 
-class AttentionConfig(MemoryConfig):
-    """`memory_size` is the window: the most keys any query sees and the most entries cached.
+#: Eviction policies of the attention cache, each a documented rule (see `AttentionConfig`).
+EvictionPolicy = Literal["window", "sinks", "threshold", "h2o", "tova"]
+#: Policies whose cache depends on positions alone (at threshold 0): one fused call per chunk.
+POSITIONAL_POLICIES = frozenset({"window", "sinks"})
 
-    `None` means full context (the cache grows with the sequence). With `forget_threshold == 0` an
-    integer W is a Longformer-style sliding window: each query sees the last W tokens, itself
-    included. `forget_threshold > 0`: at the end of each call, cache entries whose attention share
-    (running max over queries of the head-averaged probability) is under it are evicted, and if
-    more than `memory_size` remain, the lowest-share ones go first.
+
+class AttentionConfig(MemoryConfig):
+    """`memory_size` bounds the cache: the most keys any query sees, itself included, and the
+    most entries held between tokens. `None` means full context (the cache grows with the
+    sequence; `window` eviction only).
+
+    `eviction` chooses which entry leaves when the cache is full; every rule is applied per token
+    before the token reads (so the query sees at most `memory_size` keys: itself and at most
+    `memory_size - 1` kept ones):
+
+    * `window` (FIFO): the oldest goes: the sliding window `q - W < k <= q` (Longformer).
+    * `sinks`: the first `sinks` tokens never go, the oldest of the rest does (StreamingLLM,
+      Xiao et al. 2023: attention sinks plus a window).
+    * `threshold`: the entry with the lowest share goes, share being the most any query gave it
+      (the running max over queries of the head-averaged attention probability).
+    * `h2o`: the newest `(memory_size - 1) // 2` kept entries never go; of the rest the one with
+      the lowest accumulated attention (sum over queries of the head-averaged probability) goes
+      (H2O, Zhang et al. 2023: heavy hitters plus recent tokens).
+    * `tova`: the entry the latest query gave the lowest head-averaged probability goes (TOVA,
+      Oren et al. 2024, "Transformers are Multi-State RNNs").
+
+    Ties go to the older entry. `forget_threshold > 0` first drops every entry whose policy
+    statistic (running max share for `window`, `sinks` and `threshold`, accumulated attention
+    for `h2o`, the latest query's probability for `tova`) is under it, whatever the fill.
     """
 
     kind: Literal["attention"] = "attention"
     memory_size: int | None = Field(default=None, ge=1)
     n_heads: int = Field(default=4, ge=1)
     rope_base: float = Field(default=10000.0, gt=1.0)
+    eviction: EvictionPolicy = "window"
+    #: Tokens at the start of the stream the `sinks` policy never evicts (StreamingLLM uses 4).
+    sinks: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _policy_fits_the_bound(self) -> AttentionConfig:
+        if self.eviction != "window" and self.memory_size is None:
+            raise ValueError(
+                f"eviction={self.eviction!r} needs a bounded cache: set memory_size (the cache "
+                "bound the policy keeps), or use eviction='window' for full context"
+            )
+        if self.eviction == "sinks" and self.sinks >= self.memory_size:
+            raise ValueError(
+                f"sinks={self.sinks} leaves no room for recent tokens in memory_size="
+                f"{self.memory_size}: use fewer sinks or a larger memory_size"
+            )
+        return self
+
+    @property
+    def decides_per_token(self) -> bool:
+        """True when what stays depends on attention shares, so eviction runs token by token."""
+        return self.forget_threshold > 0.0 or self.eviction not in POSITIONAL_POLICIES
 
     def build(self, d_model: int) -> AttentionLayer:
         require_rotary_heads(self.n_heads, d_model)
@@ -60,31 +107,33 @@ class AttentionConfig(MemoryConfig):
 
 class AttentionLayer(FusedQKVLayer):
     """Causal multi-head softmax attention (Vaswani et al., 2017) with rotary positions (Su et
-    al., 2021); sliding window as in Longformer (Beltagy et al., 2020); eviction by attention
-    share as in H2O (Zhang et al., 2023).
+    al., 2021) over a bounded KV cache with a choice of eviction rules (see `AttentionConfig`):
+    sliding window (Longformer, Beltagy et al., 2020), attention sinks (StreamingLLM, Xiao et al.,
+    2023), attention-share threshold, H2O (Zhang et al., 2023) and TOVA (Oren et al., 2024).
 
     The memory is the KV cache. Keys are rotated at their absolute positions before caching, so a
     cached key stays valid in later calls.
 
-    Visibility (one rule for every setting): a query sees the newest `memory_size` of the keys
-    still held, namely the live cache entries and the chunk's tokens up to and including itself
-    (all of them when `memory_size` is None). With `forget_threshold == 0` the cache holds the
-    last `memory_size` tokens, so this is exactly the sliding window `q - W < k <= q`, and the
-    layer is chunk invariant. With `forget_threshold > 0` the cache may hold older, much-attended
-    tokens; they stay visible until the newer tokens crowd them out of the query's `memory_size`.
+    One rule, per token, for every policy: before token t reads, the cache is narrowed to
+    `memory_size - 1` entries (after the threshold's drops) by the policy, using the statistics
+    of queries before t; then the token joins the cache and its query attends over all of it.
+    Outputs and state therefore do not depend on how a stream is cut into calls.
 
-    Eviction at the end of each call, over `[cache ; chunk]`: with `forget_threshold == 0` the
-    newest `memory_size` entries are kept. Otherwise entries with share under the threshold go,
-    then the `memory_size` highest-share ones are kept (ties: newest). The share depends on which
-    queries a call had, so the layer is then not chunk invariant; the fast path equals
-    `reference_forward` run on the same chunks.
+    Fast paths: with a positional policy (`window`, `sinks`) and threshold 0 the rule depends on
+    positions only, so a chunk is one fused `scaled_dot_product_attention` under a position mask
+    (key j visible to query i when `i - W < j <= i`, or `j < sinks` for `sinks`), and the cache is
+    narrowed once at the end. Otherwise a loop over the chunk's tokens, batched over sequences and
+    heads (`_step`). `reference_forward` is the rule written over Python lists, token by token.
 
     Cached keys and values keep their autograd history; a trainer cuts it with `state.detach()`.
-    Fast path: one fused `scaled_dot_product_attention` per call under an explicit boolean mask.
     """
 
     state_type = AttentionState
     config: AttentionConfig
+
+    @property
+    def _tracks_share(self) -> bool:
+        return self.config.decides_per_token
 
     def init_state(
         self, batch_size: int, device=None, dtype: torch.dtype = torch.float32
@@ -101,94 +150,177 @@ class AttentionLayer(FusedQKVLayer):
     def forward(
         self, x: Tensor, state: AttentionState | None = None
     ) -> tuple[Tensor, AttentionState]:
-        """`x: [B, T, D]` -> `y: [B, T, D]`, attending over `[cache ; chunk]`."""
+        """`x: [B, T, D]` -> `y: [B, T, D]`."""
         state = self._state_or_init(x, state)
         q, k, v, chunk_pos = self._project(x, state.position)
+        if not self._tracks_share:
+            return self._fused_chunk(q, k, v, chunk_pos, state)
+        reads = []
+        for t in range(x.shape[1]):
+            read, state = self._step(q[:, t], k[:, t], v[:, t], chunk_pos[:, t], state)
+            reads.append(read)
+        if not reads:
+            return torch.zeros_like(x), state
+        return self.out(torch.stack(reads, dim=1).flatten(2)), state
+
+    def _forward_call(
+        self, x: Tensor, state: AttentionState | None
+    ) -> tuple[Tensor, AttentionState]:
+        return self.forward(x, state)
+
+    def _fused_chunk(
+        self, q: Tensor, k: Tensor, v: Tensor, chunk_pos: Tensor, state: AttentionState
+    ) -> tuple[Tensor, AttentionState]:
+        """A positional policy at threshold 0: one masked attention over `[cache ; chunk]`."""
         keys = torch.cat([state.keys, k], dim=1)  # [B, L+T, H, Dh]
         values = torch.cat([state.values, v], dim=1)
-        visible = self._visibility(state.valid, x.shape[1])  # [B, T, L+T]
+        fresh = torch.ones_like(chunk_pos, dtype=torch.bool)
+        valid = torch.cat([state.valid, fresh], dim=1)  # [B, L+T]
+        positions = torch.cat([state.positions, chunk_pos], dim=1)
+        visible = self._visibility(positions, valid, chunk_pos)  # [B, T, L+T]
         read = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), visible[:, None]
         )  # [B, H, T, Dh]
         y = self.out(merge_heads(read))
-        share = self._share(q, keys, visible, state.share)
-        return y, self._evict(state, keys, values, chunk_pos, share)
-
-    def _visibility(self, cache_valid: Tensor, steps: int) -> Tensor:
-        """`[B, T, L+T]` bool: query t sees the newest `memory_size` keys held at its step.
-
-        A key's recency rank is how many held keys are newer than it: for chunk key s it is
-        `t - s`, for a live cache entry it is the live entries after it (the cache is kept
-        oldest first) plus the `t + 1` chunk tokens up to the query.
-        """
-        batch = cache_valid.shape[0]
-        window = self.config.memory_size
-        t = torch.arange(steps, device=cache_valid.device)
-        live = cache_valid.long()
-        newer_in_cache = live.sum(1, keepdim=True) - live.cumsum(1)  # [B, L]
-        cache_rank = newer_in_cache[:, None, :] + (t + 1)[None, :, None]  # [B, T, L]
-        chunk_rank = t[:, None] - t[None, :]  # [T, T]; negative: a future token
-        cache_visible = cache_valid[:, None, :].expand(-1, steps, -1)
-        chunk_visible = chunk_rank >= 0
-        if window is not None:
-            cache_visible = cache_visible & (cache_rank < window)
-            chunk_visible = chunk_visible & (chunk_rank < window)
-        return torch.cat([cache_visible, chunk_visible.expand(batch, -1, -1)], dim=2)
-
-    def _share(self, q: Tensor, keys: Tensor, visible: Tensor, cache_share: Tensor) -> Tensor:
-        """`[B, L+T]`: each entry's share, raised to the most any of this chunk's queries gave it.
-
-        A decision statistic, not part of the differentiated computation, hence no_grad. It is
-        computed only when eviction reads it, so threshold 0 keeps the fused attention alone.
-        """
-        batch, steps = q.shape[:2]
-        fresh = cache_share.new_zeros(batch, steps)
-        previous = torch.cat([cache_share, fresh], dim=1)  # [B, L+T]
-        if not self._tracks_share:
-            return previous
-        with torch.no_grad():
-            scores = torch.einsum("bthd,bshd->bhts", q, keys) / math.sqrt(self.head_dim)
-            scores = scores.masked_fill(~visible[:, None], float("-inf"))
-            received = scores.softmax(dim=-1).mean(1).amax(1)  # [B, L+T]
-            return torch.maximum(previous, received)
-
-    def _evict(
-        self, state: AttentionState, keys: Tensor, values: Tensor, chunk_pos: Tensor, share: Tensor
-    ) -> AttentionState:
-        """The next cache: `[cache ; chunk]` narrowed by `_keep`, compacted oldest first."""
-        steps = chunk_pos.shape[1]
-        fresh = torch.ones_like(chunk_pos, dtype=torch.bool)
-        valid = torch.cat([state.valid, fresh], dim=1)  # [B, L+T]
-        positions = torch.cat([state.positions, chunk_pos], dim=1)
-        keep = self._keep(valid, share)
+        # The cache the per-token rule leaves: what the chunk's last query saw.
+        keep = valid & self._in_window(positions, chunk_pos[:, -1:])
+        share = torch.cat([state.share, torch.zeros_like(chunk_pos, dtype=state.share.dtype)], 1)
         slots = {"keys": keys, "values": values, "positions": positions, "share": share}
-        return AttentionState(
+        steps = chunk_pos.shape[1]
+        return y, AttentionState(
             **next_cache(keep, valid, slots, state.position + steps, state.evictions)
         )
+
+    def _visibility(self, positions: Tensor, valid: Tensor, query_pos: Tensor) -> Tensor:
+        """`[B, T, N]` bool: key n (at `positions[:, n]`) is visible to query t."""
+        key_pos, query = positions[:, None, :], query_pos[:, :, None]
+        causal = valid[:, None, :] & (key_pos <= query)
+        return causal & self._in_window(key_pos, query)
+
+    def _in_window(self, key_pos: Tensor, query_pos: Tensor) -> Tensor:
+        """Keys a query at `query_pos` may see under a positional policy (the cache is then
+        gapless, so recency is the position difference)."""
+        window = self.config.memory_size
+        if window is None:
+            return torch.ones_like(key_pos, dtype=torch.bool) & (query_pos >= 0)
+        if self.config.eviction == "sinks":
+            sinks = self.config.sinks
+            return (key_pos < sinks) | (query_pos - key_pos < window - sinks)
+        return query_pos - key_pos < window
+
+    def _step(
+        self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, state: AttentionState
+    ) -> tuple[Tensor, AttentionState]:
+        """One token for every sequence: `q, k, v: [B, H, Dh]`, `pos: [B]` -> read `[B, H, Dh]`.
+
+        Make room (the policy over the cache), join, read over everything held, update the
+        statistic, compact oldest first."""
+        kept = self._make_room(state.valid, state.share, state.positions)  # [B, L]
+        fresh = torch.ones_like(pos[:, None], dtype=torch.bool)
+        valid = torch.cat([kept, fresh], dim=1)  # [B, L+1]
+        keys = torch.cat([state.keys, k[:, None]], dim=1)  # [B, L+1, H, Dh]
+        values = torch.cat([state.values, v[:, None]], dim=1)
+        scores = torch.einsum("bhd,bnhd->bhn", q, keys) / math.sqrt(self.head_dim)
+        probs = scores.masked_fill(~valid[:, None], float("-inf")).softmax(dim=-1)  # [B, H, N]
+        read = torch.einsum("bhn,bnhd->bhd", probs, values)
+        share = torch.cat([state.share, state.share.new_zeros(pos.shape[0], 1)], dim=1)
+        share = self._update_statistic(share, probs.detach().mean(1))
+        slots = {
+            "keys": keys,
+            "values": values,
+            "positions": torch.cat([state.positions, pos[:, None]], dim=1),
+            "share": share,
+        }
+        candidates = torch.cat([state.valid, fresh], dim=1)
+        return read, AttentionState(
+            **next_cache(valid, candidates, slots, state.position + 1, state.evictions)
+        )
+
+    def _update_statistic(self, previous: Tensor, received: Tensor) -> Tensor:
+        """Each entry's statistic after one more query gave it `received` (`[B, N]`)."""
+        policy = self.config.eviction
+        if policy == "h2o":
+            return previous + received
+        if policy == "tova":
+            return received
+        return torch.maximum(previous, received)
+
+    def _make_room(self, valid: Tensor, statistic: Tensor, positions: Tensor) -> Tensor:
+        """`[B, L]` bool: the live entries that stay before the next token joins: over the
+        threshold, and at most `memory_size - 1` of them chosen by the policy."""
+        keep = keep_above_threshold(statistic, valid, self.config.forget_threshold)
+        if self.config.memory_size is None:
+            return keep
+        room = self.config.memory_size - 1
+        policy = self.config.eviction
+        if policy == "window":
+            return keep_newest(keep, room)
+        if policy == "sinks":
+            sink = keep & (positions < self.config.sinks)
+            return sink | keep_newest(keep & ~sink, room - sink.sum(1, keepdim=True))
+        if policy == "h2o":
+            recent = keep_newest(keep, room // 2)
+            return recent | keep_largest(keep & ~recent, statistic, room - room // 2)
+        return keep_largest(keep, statistic, room)
 
     def _reference_row(
         self, q: Tensor, k: Tensor, v: Tensor, chunk_pos: Tensor, cache: AttentionState
     ) -> tuple[Tensor, AttentionState]:
-        """One query at a time: list the keys it sees, softmax, weighted sum; then the eviction
-        rule over lists."""
+        """One sequence, one token at a time over Python lists: make room by the policy, join,
+        softmax over every held key, weighted sum, update the statistic."""
         entries, key_pos = live_then_chunk(cache, {"keys": k, "values": v}, chunk_pos)
-        keys, values, share = entries["keys"], entries["values"], entries["share"]  # [N, ...]
+        keys, values = entries["keys"], entries["values"]
+        statistic = entries["share"].clone()
+        held: list[int] = list(range(len(key_pos) - len(chunk_pos)))
         reads = []
-        for t, query_pos in enumerate(chunk_pos.tolist()):
-            seen = self._reference_visible(key_pos, query_pos)
-            scores = torch.einsum("hd,nhd->hn", q[t], keys[seen]) / math.sqrt(self.head_dim)
+        for t in range(len(chunk_pos)):
+            held = self._reference_room(held, key_pos, statistic.tolist())
+            held.append(len(key_pos) - len(chunk_pos) + t)
+            scores = torch.einsum("hd,nhd->hn", q[t], keys[held]) / math.sqrt(self.head_dim)
             probs = scores.softmax(dim=-1)  # [H, n]
-            reads.append(torch.einsum("hn,nhd->hd", probs, values[seen]))
+            reads.append(torch.einsum("hn,nhd->hd", probs, values[held]))
             if self._tracks_share:
-                share[seen] = torch.maximum(share[seen], probs.mean(0).detach())
-        threshold, capacity = self.config.forget_threshold, self.config.memory_size
-        kept = reference_kept(key_pos, share.tolist(), threshold, capacity)
+                statistic[held] = self._update_statistic(
+                    statistic[held][None], probs.mean(0).detach()[None]
+                )[0]
         position = cache.position + len(chunk_pos)
-        row = kept_rows(kept, entries, key_pos, position, cache.evictions)
+        row = kept_rows(held, {**entries, "share": statistic}, key_pos, position, cache.evictions)
         return torch.stack(reads), AttentionState(**row)
 
-    def _reference_visible(self, key_pos: list[int], query_pos: int) -> list[int]:
-        """Indices of the keys a query at `query_pos` sees: the newest `memory_size` held ones."""
-        held = sorted((n for n, p in enumerate(key_pos) if p <= query_pos), key=key_pos.__getitem__)
-        window = self.config.memory_size
-        return held if window is None else held[-window:]
+    def _reference_room(
+        self, held: list[int], key_pos: list[int], statistic: list[float]
+    ) -> list[int]:
+        """`_make_room` over lists: the indices of `held` that stay, oldest first."""
+        threshold, window = self.config.forget_threshold, self.config.memory_size
+        kept = [n for n in held if threshold <= 0.0 or statistic[n] >= threshold]
+        if window is None:
+            return kept
+        room, policy = window - 1, self.config.eviction
+        by_age = sorted(kept, key=key_pos.__getitem__)
+        if policy == "window":
+            chosen = _newest(by_age, room)
+        elif policy == "sinks":
+            sinks = [n for n in by_age if key_pos[n] < self.config.sinks]
+            rest = [n for n in by_age if key_pos[n] >= self.config.sinks]
+            chosen = sinks + _newest(rest, room - len(sinks))
+        elif policy == "h2o":
+            recent = _newest(by_age, room // 2)
+            others = [n for n in by_age if n not in recent]
+            chosen = recent + _highest(others, statistic, key_pos, room - room // 2)
+        else:
+            chosen = _highest(by_age, statistic, key_pos, room)
+        return sorted(chosen, key=key_pos.__getitem__)
+
+
+def _newest(by_age: list[int], count: int) -> list[int]:
+    """The last `count` of `by_age` (none for a count of 0 or less)."""
+    return by_age[max(0, len(by_age) - count) :] if count > 0 else []
+
+
+def _highest(
+    entries: list[int], statistic: list[float], key_pos: list[int], count: int
+) -> list[int]:
+    """The `count` entries of highest statistic (ties: the newer stays)."""
+    if count <= 0:
+        return []
+    return sorted(entries, key=lambda n: (statistic[n], key_pos[n]))[-count:]

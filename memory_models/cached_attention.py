@@ -6,6 +6,7 @@ reference's loop over sequences."""
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -18,11 +19,15 @@ from memory_models.state import MemoryState
 
 class CachedAttentionLayer(MemoryLayer):
     """Attention with `n_heads` heads of width `d_model / n_heads` over a cache that drops
-    entries by attention share at the end of each call.
+    entries by attention share.
 
     At `forget_threshold == 0` no share is judged: what the cache holds depends on positions
-    only, so the layer is chunk invariant. Otherwise it depends on which queries a call had, and
-    the fast path equals `reference_forward` run on the same chunks. The share is a decision
+    only, and one call over a chunk (`_forward_call`) is the same as one call per token.
+    Otherwise what stays depends on which queries a call had, so the decision is made per token,
+    as TOVA and H2O make theirs per decoding step: `forward` runs `_forward_call` one token at a
+    time. Either way a stream's outputs do not depend on how it is cut into calls, and whole-row
+    training and scoring see exactly the memory a served session has. The reference
+    (`_reference_call`, obviously correct per query) runs the same way. The share is a decision
     statistic, tracked only when the threshold reads it.
     """
 
@@ -31,12 +36,31 @@ class CachedAttentionLayer(MemoryLayer):
         self.n_heads = config.n_heads
         self.head_dim = d_model // config.n_heads
 
-    def chunk_invariant(self) -> bool:
-        return self.config.forget_threshold == 0.0
-
     @property
     def _tracks_share(self) -> bool:
         return self.config.forget_threshold > 0.0
+
+    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+        """`x: [B, T, D]` -> `y: [B, T, D]`: one fused call, or one per token where eviction
+        judges shares."""
+        if self._tracks_share:
+            return token_by_token(self._forward_call, x, state)
+        return self._forward_call(x, state)
+
+    def reference_forward(
+        self, x: Tensor, state: MemoryState | None = None
+    ) -> tuple[Tensor, MemoryState]:
+        if self._tracks_share:
+            return token_by_token(self._reference_call, x, state)
+        return self._reference_call(x, state)
+
+    @abstractmethod
+    def _forward_call(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState]:
+        """The fused path over one call's chunk, evicting at its end."""
+
+    @abstractmethod
+    def _reference_call(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState]:
+        """The obviously correct path over one call's chunk, evicting at its end."""
 
     def _keep(self, valid: Tensor, share: Tensor) -> Tensor:
         """`[B, N]` bool: the entries that stay (candidates in age order), by `keep_by_share`
@@ -68,9 +92,7 @@ class FusedQKVLayer(CachedAttentionLayer):
         base = self.config.rope_base
         return rotary(q, positions, base), rotary(k, positions, base), v, positions
 
-    def reference_forward(
-        self, x: Tensor, state: MemoryState | None = None
-    ) -> tuple[Tensor, MemoryState]:
+    def _reference_call(self, x: Tensor, state: MemoryState | None) -> tuple[Tensor, MemoryState]:
         """One sequence at a time through `_reference_row`; the heads' reads joined by `out`."""
         state = self._state_or_init(x, state)
         q, k, v, positions = self._project(x, state.position)
@@ -89,3 +111,19 @@ class FusedQKVLayer(CachedAttentionLayer):
     ) -> tuple[Tensor, MemoryState]:
         """One sequence: `q, k, v: [T, H, Dh]` as `_project` gives them, `positions: [T]`, its
         state of batch 1 -> reads `[T, H, Dh]` and its next state."""
+
+
+def token_by_token(
+    call: Callable[[Tensor, MemoryState | None], tuple[Tensor, MemoryState]],
+    x: Tensor,
+    state: MemoryState | None,
+) -> tuple[Tensor, MemoryState]:
+    """`call` once per token of `x: [B, T, D]`, carrying the state: every memory decision is
+    then made after each token, whatever the caller's chunks."""
+    if x.shape[1] <= 1:
+        return call(x, state)
+    outputs = []
+    for t in range(x.shape[1]):
+        y, state = call(x[:, t : t + 1], state)
+        outputs.append(y)
+    return torch.cat(outputs, dim=1), state

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from memory_models.common import chunk_positions, rotary
 from memory_models.layer import MemoryConfig, MemoryLayer
+from memory_models.segments import SegmentCall, in_segments, open_bytes
 from memory_models.slot_cache import (
     compact_slots,
     empty_cache,
@@ -38,6 +39,7 @@ class CompressiveState(MemoryState):
     position: Tensor  # [B] long: tokens seen so far, the position of the next token
     evictions: Tensor  # [B] long: entries dropped for good (threshold or full compressed memory)
     compressions: Tensor  # [B] long: compressed slots created so far
+    open_inputs: Tensor  # [B, P, D] layer inputs of the open segment (`position % segment_len`)
 
     @classmethod
     def of(
@@ -47,9 +49,10 @@ class CompressiveState(MemoryState):
         position: Tensor,
         evictions: Tensor,
         compressions: Tensor,
+        open_inputs: Tensor,
     ) -> Self:
         """The state from the FIFO's and the compressed memory's `(slots, positions, valid,
-        share)` and the counters."""
+        share)`, the counters and the open segment's inputs."""
         return cls(
             mem=mem[0],
             mem_positions=mem[1],
@@ -62,6 +65,7 @@ class CompressiveState(MemoryState):
             position=position,
             evictions=evictions,
             compressions=compressions,
+            open_inputs=open_inputs,
         )
 
     def live_entries(self) -> Tensor:
@@ -81,8 +85,11 @@ class CompressiveConfig(MemoryConfig):
     `cmem_len = round(memory_size * cmem_fraction)`, `mem_len = memory_size - cmem_len`; both must
     be at least 1 and the FIFO must hold one full compression group (`mem_len >= compression_rate`).
 
-    `forget_threshold`: FIFO entries leaving the FIFO whose attention share in the chunk (max over
-    the chunk's queries of the head-averaged probability) is under it are dropped instead of
+    `segment_len`: the stream is read in segments at positions 0, S, 2S, ..., whatever the calls;
+    the memories are written when a segment closes.
+
+    `forget_threshold`: FIFO entries leaving the FIFO whose attention share in the segment (max
+    over the segment's queries of the head-averaged probability) is under it are dropped instead of
     compressed; and when the compressed memory overflows, the slots of lowest share go first
     (at 0 the oldest go first, as in the paper).
     """
@@ -93,6 +100,7 @@ class CompressiveConfig(MemoryConfig):
     cmem_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
     compression: Literal["conv", "mean_pool"] = "conv"
     n_heads: int = Field(default=4, ge=1)
+    segment_len: int = Field(default=32, ge=1)
 
     @property
     def cmem_len(self) -> int:
@@ -138,9 +146,10 @@ class _Groups:
 class CompressiveLayer(MemoryLayer):
     """Compressive Transformer attention (Rae et al., 2019).
 
-    Each call attends from the chunk over `[cmem ; mem ; chunk]` (all live memories visible, the
-    chunk causal), with rotary positions (Su et al., 2021) at every slot's stored absolute position.
-    `mem` is a FIFO of the last layer inputs, detached. After the chunk, entries beyond
+    Each segment attends from its tokens over `[cmem ; mem ; segment]` (all live memories
+    visible, the segment causal), with rotary positions (Su et al., 2021) at every slot's stored
+    absolute position.
+    `mem` is a FIFO of the last layer inputs, detached. When a segment closes, entries beyond
     `mem_len` leave the FIFO oldest first, in whole groups of `compression_rate` c: the number of
     groups is the fewest that bring the FIFO back to `mem_len`, so the FIFO may briefly hold fewer
     than `mem_len` entries (never more) and no entry waits outside both memories. Each group becomes
@@ -160,7 +169,9 @@ class CompressiveLayer(MemoryLayer):
     when no sequence compressed anything in the last forward (and has no gradient for `mean_pool`,
     which has no parameters).
 
-    Memory decisions happen at chunk ends, so the layer is not chunk invariant.
+    Segments are aligned to absolute positions and the open one's inputs are kept in the state
+    (`memory_models.segments`), so any cut of a stream into calls gives the whole pass; the
+    auxiliary loss is the mean over the segments a forward closed.
     """
 
     state_type = CompressiveState
@@ -203,8 +214,9 @@ class CompressiveLayer(MemoryLayer):
             return inputs, cache["positions"], cache["valid"], cache["share"]
 
         counter = torch.zeros(batch_size, dtype=torch.long, device=device)
+        inputs = torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype)
         return CompressiveState.of(
-            empty_slots(), empty_slots(), counter, counter.clone(), counter.clone()
+            empty_slots(), empty_slots(), counter, counter.clone(), counter.clone(), inputs
         )
 
     def _groups_after(self, seq_len: int) -> int:
@@ -213,18 +225,22 @@ class CompressiveLayer(MemoryLayer):
         return -(-overflow // self.config.compression_rate)
 
     def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        groups = self._groups_after(seq_len)
-        mem_slots = seq_len - groups * self.config.compression_rate
+        segment = self.config.segment_len
+        written = seq_len - seq_len % segment
+        groups = self._groups_after(written)
+        mem_slots = written - groups * self.config.compression_rate
         cmem_slots = min(groups, self.config.cmem_len)
         # Per slot: the stored input, its position, its mask and its share.
         per_slot = slot_bytes(self.d_model, dtype)
-        return (mem_slots + cmem_slots) * per_slot + 3 * 8  # + position and the two counters
-
-    def chunk_invariant(self) -> bool:
-        return False
+        held = (mem_slots + cmem_slots) * per_slot + 3 * 8  # + position and the two counters
+        return held + open_bytes(seq_len, segment, self.d_model, dtype)
 
     def auxiliary_loss(self) -> Tensor | None:
         return self._aux_loss
+
+    def _add_aux(self, loss: Tensor | None) -> None:
+        if loss is not None:
+            self._aux_parts.append(loss)
 
     def _heads(self, t: Tensor) -> Tensor:
         return t.view(*t.shape[:-1], self.config.n_heads, self.head_dim)  # [B, L, H, Dh]
@@ -232,8 +248,23 @@ class CompressiveLayer(MemoryLayer):
     def forward(
         self, x: Tensor, state: CompressiveState | None = None
     ) -> tuple[Tensor, CompressiveState]:
-        """`x: [B, T, D]` -> `y: [B, T, D]`, attending over `[cmem ; mem ; x]`."""
+        """`x: [B, T, D]` -> `y: [B, T, D]`, segment by segment."""
+        return self._by_segments(self._segment, x, state)
+
+    def _by_segments(
+        self, call: SegmentCall, x: Tensor, state: CompressiveState | None
+    ) -> tuple[Tensor, CompressiveState]:
+        """`call` over the aligned segments; the auxiliary loss is the mean of theirs."""
         state = self._state_or_init(x, state)
+        self._aux_parts: list[Tensor] = []
+        y, state = in_segments(call, x, state, self.config.segment_len)
+        self._aux_loss = torch.stack(self._aux_parts).mean() if self._aux_parts else None
+        return y, state
+
+    def _segment(
+        self, x: Tensor, state: CompressiveState, closes: bool
+    ) -> tuple[Tensor, CompressiveState | None]:
+        """One segment's tokens (or its open part) attending over `[cmem ; mem ; x]`."""
         context, key_pos, key_valid, query_pos = self._context(x, state)
         q = rotary(self._heads(self.query(x)), query_pos)  # [B, T, H, Dh]
         k = rotary(self._heads(self.key(context)), key_pos)  # [B, L, H, Dh]
@@ -243,6 +274,8 @@ class CompressiveLayer(MemoryLayer):
         # Every query sees at least itself, so no row is all -inf.
         probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)  # [B, H, T, L]
         read = torch.einsum("bhtl,blhd->bthd", probs, v).flatten(2)  # [B, T, H*Dh]
+        if not closes:
+            return self.out(read), None
         share = probs.detach().mean(1).amax(1)  # [B, L]
         return self.out(read), self._update_memory(state, x, share)
 
@@ -268,7 +301,7 @@ class CompressiveLayer(MemoryLayer):
         leaving = self._leaving(fifo_valid)
         groups = self._group(leaving, fifo, fifo_pos, fifo_share)
         compressed = self._compress(groups.entries, groups.kept)  # [B, G, D]
-        self._aux_loss = self._reconstruction_loss(x, groups, compressed)
+        self._add_aux(self._reconstruction_loss(x, groups, compressed))
         (mem, mem_positions, mem_share), mem_valid = compact_slots(
             fifo_valid & ~leaving, [fifo, fifo_pos, fifo_share]
         )
@@ -281,6 +314,7 @@ class CompressiveLayer(MemoryLayer):
             position=state.position + steps,
             evictions=state.evictions + groups.dropped + cmem_dropped,
             compressions=state.compressions + groups.made.sum(1),
+            open_inputs=state.open_inputs,
         )
 
     def _leaving(self, valid: Tensor) -> Tensor:
@@ -365,7 +399,11 @@ class CompressiveLayer(MemoryLayer):
         self, x: Tensor, state: CompressiveState | None = None
     ) -> tuple[Tensor, CompressiveState]:
         """One query at a time over its visible keys; then a per-sequence list-based update."""
-        state = self._state_or_init(x, state)
+        return self._by_segments(self._reference_segment, x, state)
+
+    def _reference_segment(
+        self, x: Tensor, state: CompressiveState, closes: bool
+    ) -> tuple[Tensor, CompressiveState | None]:
         batch, steps, _ = x.shape
         slots = state.cmem.shape[1] + state.mem.shape[1]
         memory = torch.cat([state.cmem, state.mem], dim=1)  # [B, S, D]
@@ -389,7 +427,7 @@ class CompressiveLayer(MemoryLayer):
             seen = probs.detach().mean(-1)  # [B, keys]
             share[:, : slots + i + 1] = torch.maximum(share[:, : slots + i + 1], seen)
         y = self.out(torch.stack(outputs, dim=1))
-        return y, self._reference_memory(state, x, share)
+        return y, (self._reference_memory(state, x, share) if closes else None)
 
     def _reference_memory(
         self, state: CompressiveState, x: Tensor, share: Tensor
@@ -435,7 +473,7 @@ class CompressiveLayer(MemoryLayer):
             evictions[b] += len(cmem) - len(kept)
             mem_rows.append(staying)
             cmem_rows.append(kept)
-        self._aux_loss = torch.stack(losses).mean() if losses else None
+        self._add_aux(torch.stack(losses).mean() if losses else None)
         return self._reference_pack(state, x, mem_rows, cmem_rows, evictions, compressions)
 
     def _reference_compress(self, block: list[tuple[Tensor, ...]], survivors: list[int]) -> Tensor:
@@ -486,4 +524,5 @@ class CompressiveLayer(MemoryLayer):
             position=state.position + x.shape[1],
             evictions=evictions,
             compressions=compressions,
+            open_inputs=state.open_inputs,
         )

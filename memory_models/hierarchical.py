@@ -142,7 +142,7 @@ class HierarchicalLayer(CachedAttentionLayer):
         weights = (u @ self.pool_context).softmax(dim=-1)  # [..., L]
         return (weights[..., None] * inputs).sum(-2), weights
 
-    def forward(
+    def _forward_call(
         self, x: Tensor, state: HierarchicalState | None = None
     ) -> tuple[Tensor, HierarchicalState]:
         """`x: [B, T, D]` -> `y: [B, T, D]`, reading the own segment and the summary bank."""
@@ -324,7 +324,7 @@ class HierarchicalLayer(CachedAttentionLayer):
         inputs = blocks.gather(1, index[..., None].expand(-1, -1, blocks.shape[2]))
         return torch.where((i < remaining[:, None])[..., None], inputs, 0.0)
 
-    def reference_forward(
+    def _reference_call(
         self, x: Tensor, state: HierarchicalState | None = None
     ) -> tuple[Tensor, HierarchicalState]:
         """One sequence and one token at a time, following the two levels literally."""

@@ -1,6 +1,10 @@
 """The one stateful interface every memory mechanism implements.
 
-A memory layer maps `x: [B, T, D]` and an optional state to `(y: [B, T, D], new_state)`. Training
+A memory layer maps `x: [B, T, D]` and an optional state to `(y: [B, T, D], new_state)`. What a
+layer outputs for a stream does not depend on how the stream is cut into calls, at every forget
+threshold: memory decisions are made per token (eviction by attention share) or at segment
+boundaries aligned to absolute positions (segment recurrence), never at call ends, so whole-row
+training and scoring see exactly the memory a served session has. Training
 carries the state across segments (truncated backprop), tuning sweeps `memory_size` and
 `forget_threshold`, serving keeps one state per client session; all three rely on this contract.
 """
@@ -99,15 +103,6 @@ class MemoryLayer(nn.Module, ABC):
     @abstractmethod
     def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of state held per sequence after `seq_len` tokens (equals the state's tensors)."""
-
-    def chunk_invariant(self) -> bool:
-        """True when any split of a sequence into chunks gives exactly the full pass's outputs.
-
-        False for mechanisms whose memory decisions happen at chunk boundaries (segment recurrence,
-        eviction by attention share); for those the fast path must equal `reference_forward` run
-        on the same chunks.
-        """
-        return True
 
     def reconfigure(self, **settings: Any) -> None:
         """Change shape-free settings in place (a capacity controller, population-based

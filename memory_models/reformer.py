@@ -203,7 +203,7 @@ class ReformerLayer(CachedAttentionLayer):
             share=x.new_zeros(batch, steps),
         )
 
-    def forward(
+    def _forward_call(
         self, x: Tensor, state: ReformerState | None = None
     ) -> tuple[Tensor, ReformerState]:
         """`x: [B, T, D]` -> `y: [B, T, D]`, attending over `[cache ; chunk]` by the LSH rule."""
@@ -327,7 +327,7 @@ class ReformerLayer(CachedAttentionLayer):
         position = state.position + steps
         return ReformerState(**next_cache(keep, items.valid, slots, position, state.evictions))
 
-    def reference_forward(
+    def _reference_call(
         self, x: Tensor, state: ReformerState | None = None
     ) -> tuple[Tensor, ReformerState]:
         """One sequence, one query, one head and one round at a time: sort the query's prefix,

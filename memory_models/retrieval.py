@@ -194,7 +194,7 @@ class RetrievalLayer(FusedQKVLayer):
         q, k, v, positions = self._split_qkv(x, start)
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, positions
 
-    def forward(
+    def _forward_call(
         self, x: Tensor, state: RetrievalState | None = None
     ) -> tuple[Tensor, RetrievalState]:
         """`x: [B, T, D]` -> `y: [B, T, D]`: local attention and kNN memory, gated per head.

@@ -195,7 +195,9 @@ class SparseLayer(FusedQKVLayer):
             return position < self.config.n_global
         return position >= 0  # strided: every position lies on some later query's column
 
-    def forward(self, x: Tensor, state: SparseState | None = None) -> tuple[Tensor, SparseState]:
+    def _forward_call(
+        self, x: Tensor, state: SparseState | None = None
+    ) -> tuple[Tensor, SparseState]:
         """`x: [B, T, D]` -> `y: [B, T, D]`, each query block over the keys it can reach."""
         state = self._state_or_init(x, state)
         if x.shape[1] == 0:  # an empty chunk reads nothing and changes nothing
@@ -410,12 +412,12 @@ class SparseLayer(FusedQKVLayer):
         cache = next_cache(keep, held.valid, slots, position, state.evictions)
         return SparseState(window_start=start, **cache)
 
-    def reference_forward(
+    def _reference_call(
         self, x: Tensor, state: SparseState | None = None
     ) -> tuple[Tensor, SparseState]:
         if x.shape[1] == 0:  # an empty chunk reads nothing and changes nothing
             return self.out(x), self._state_or_init(x, state)
-        return super().reference_forward(x, state)
+        return super()._reference_call(x, state)
 
     def _reference_row(
         self, q: Tensor, k: Tensor, v: Tensor, chunk_pos: Tensor, cache: SparseState

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from memory_models.common import chunk_positions
 from memory_models.layer import MemoryConfig, MemoryLayer
+from memory_models.segments import in_segments, open_bytes
 from memory_models.slot_cache import (
     empty_cache,
     keep_above_threshold,
@@ -31,20 +32,25 @@ class TransformerXLState(SlotCacheState):
     share: Tensor  # [B, M] attention share each cached token got in the chunk that kept it
     position: Tensor  # [B] long: tokens seen so far, the position of the next token
     evictions: Tensor  # [B] long: cache entries dropped so far (threshold or capacity)
+    open_inputs: Tensor  # [B, P, D] layer inputs of the open segment (`position % segment_len`)
 
 
 class TransformerXLConfig(MemoryConfig):
     """`memory_size` is mem_len: how many past tokens' layer inputs the cache holds.
 
-    `forget_threshold`: after each chunk, cache candidates (old entries and the chunk's tokens)
-    whose attention share (max over the chunk's queries of the head-averaged attention probability)
-    is under it are dropped before the newest `memory_size` are kept. 0 gives the paper's FIFO
-    cache.
+    `segment_len` is the segment (the paper's tgt_len): the stream is read in segments at
+    positions 0, S, 2S, ..., whatever the calls, and the cache is written when a segment closes.
+
+    `forget_threshold`: when a segment closes, cache candidates (old entries and the segment's
+    tokens) whose attention share (max over the segment's queries of the head-averaged attention
+    probability) is under it are dropped before the newest `memory_size` are kept. 0 gives the
+    paper's FIFO cache.
     """
 
     kind: Literal["transformer_xl"] = "transformer_xl"
     memory_size: int = Field(default=32, ge=1)
     n_heads: int = Field(default=4, ge=1)
+    segment_len: int = Field(default=32, ge=1)
 
     def build(self, d_model: int) -> TransformerXLLayer:
         return TransformerXLLayer(self, d_model)
@@ -61,8 +67,8 @@ def sinusoid(distance: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
 class TransformerXLLayer(MemoryLayer):
     """Transformer-XL attention with segment-level recurrence (Dai et al., 2019).
 
-    Each call attends from the chunk's tokens over `[memory ; chunk]`: every live memory entry is
-    visible, the chunk itself is causal. The memory holds the layer *inputs* of the last
+    Each segment attends from its tokens over `[memory ; segment]`: every live memory entry is
+    visible, the segment itself is causal. The memory holds the layer *inputs* of the last
     `memory_size` tokens, detached, so gradients stop at the segment boundary as in the paper.
     Scores use the paper's relative positions: `(q_i + u)·k_j + (q_i + v)·W_r R_{i-j}`, scaled by
     `1/sqrt(Dh)`.
@@ -74,7 +80,8 @@ class TransformerXLLayer(MemoryLayer):
 
     Fast path: one batched attention per chunk; the position term is computed once per distinct
     distance in the chunk and gathered (instead of the paper's rel-shift, which assumes a gapless
-    cache). Memory decisions happen at chunk ends, so the layer is not chunk invariant.
+    cache). Segments are aligned to absolute positions and the open one's inputs are kept in the
+    state (`memory_models.segments`), so any cut of a stream into calls gives the whole pass.
     """
 
     state_type = TransformerXLState
@@ -101,15 +108,15 @@ class TransformerXLLayer(MemoryLayer):
         return TransformerXLState(
             memory=torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype),
             **empty_cache(batch_size, device, dtype),
+            open_inputs=torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype),
         )
 
     def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        slots = min(seq_len, self.config.memory_size)
+        segment = self.config.segment_len
+        slots = min(seq_len - seq_len % segment, self.config.memory_size)
         # Per slot: the cached input, its position, its mask and its share.
-        return slots * slot_bytes(self.d_model, dtype) + 2 * 8  # + the two counters
-
-    def chunk_invariant(self) -> bool:
-        return False
+        held = slots * slot_bytes(self.d_model, dtype) + 2 * 8  # + the two counters
+        return held + open_bytes(seq_len, segment, self.d_model, dtype)
 
     def _heads(self, t: Tensor) -> Tensor:
         return t.view(*t.shape[:-1], self.config.n_heads, self.head_dim)  # [B, L, H, Dh]
@@ -117,8 +124,14 @@ class TransformerXLLayer(MemoryLayer):
     def forward(
         self, x: Tensor, state: TransformerXLState | None = None
     ) -> tuple[Tensor, TransformerXLState]:
-        """`x: [B, T, D]` -> `y: [B, T, D]`, attending over `[memory ; x]`."""
+        """`x: [B, T, D]` -> `y: [B, T, D]`, segment by segment."""
         state = self._state_or_init(x, state)
+        return in_segments(self._segment, x, state, self.config.segment_len)
+
+    def _segment(
+        self, x: Tensor, state: TransformerXLState, closes: bool
+    ) -> tuple[Tensor, TransformerXLState | None]:
+        """One segment's tokens (or its open part) attending over `[memory ; x]`."""
         context, key_pos, key_valid, query_pos = self._context(x, state)
         q = self._heads(self.query(x))  # [B, T, H, Dh]
         k = self._heads(self.key(context))  # [B, L, H, Dh]
@@ -127,6 +140,8 @@ class TransformerXLLayer(MemoryLayer):
         visible = key_valid[:, None, :] & (distance >= 0)  # [B, T, L]
         probs = self._attention(q, k, distance, visible)  # [B, H, T, L]
         read = torch.einsum("bhtl,blhd->bthd", probs, v).flatten(2)  # [B, T, H*Dh]
+        if not closes:
+            return self.out(read), None
         share = probs.mean(1).amax(1)  # [B, L]
         return self.out(read), self._update_memory(state, context, key_pos, key_valid, share)
 
@@ -174,13 +189,19 @@ class TransformerXLLayer(MemoryLayer):
         slots = {"memory": context.detach(), "positions": key_pos, "share": share.detach()}
         steps = context.shape[1] - state.memory.shape[1]
         position = state.position + steps
-        return TransformerXLState(**next_cache(keep, key_valid, slots, position, state.evictions))
+        cache = next_cache(keep, key_valid, slots, position, state.evictions)
+        return TransformerXLState(**cache, open_inputs=state.open_inputs)
 
     def reference_forward(
         self, x: Tensor, state: TransformerXLState | None = None
     ) -> tuple[Tensor, TransformerXLState]:
         """Every score from the formula, one (query, key) pair at a time; softmax per query."""
         state = self._state_or_init(x, state)
+        return in_segments(self._reference_segment, x, state, self.config.segment_len)
+
+    def _reference_segment(
+        self, x: Tensor, state: TransformerXLState, closes: bool
+    ) -> tuple[Tensor, TransformerXLState | None]:
         batch, steps, _ = x.shape
         slots = state.memory.shape[1]
         q = self._heads(self.query(x))  # [B, T, H, Dh]
@@ -207,7 +228,7 @@ class TransformerXLLayer(MemoryLayer):
             for n, j in enumerate(keys):
                 share[:, j] = torch.maximum(share[:, j], probs[:, :, n].mean(1).detach())
         y = self.out(torch.stack(outputs, dim=1))
-        return y, self._reference_memory(state, x, share)
+        return y, (self._reference_memory(state, x, share) if closes else None)
 
     def _reference_score(self, q_i: Tensor, k_j: Tensor, distance: Tensor) -> Tensor:
         """One pair's score for all heads: `q_i, k_j: [B, H, Dh]`, `distance: [B]` -> `[B, H]`."""
@@ -249,4 +270,6 @@ class TransformerXLLayer(MemoryLayer):
         """Each sequence's kept entries at the front of zero-initialised slots."""
         memory, positions, valid, share = rows_to_slots(kept_rows, x)
         position = state.position + x.shape[1]
-        return TransformerXLState(memory, positions, valid, share, position, evictions)
+        return TransformerXLState(
+            memory, positions, valid, share, position, evictions, state.open_inputs
+        )

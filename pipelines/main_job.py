@@ -41,6 +41,8 @@ class MainJobSettings:
     sweep_name: str = "main"
     port: int = 8000
     demo_seed: int = 7
+    served_rows: int = 32  # fresh rows scored through the server after the demonstration
+    append_tokens: int = 8  # tokens per session request when scoring them
     overrides: Sequence[str] = ()  # dotted, into the `mqar-demo` recipe (train.epochs=1)
     ray_address: str | None = None
 
@@ -120,6 +122,7 @@ def _serve_and_demonstrate(
                 _demonstrate_text(client, url, champion["registered_model"], console)
             elif isinstance(base.data.task, MQARTask):
                 _demonstrate(client, base.data.task, settings.demo_seed, console)
+                _served_accuracy(client, base.data.task, champion, settings, console)
     finally:
         stop_local()
         from ray import serve
@@ -150,6 +153,47 @@ def _demonstrate(client, task: MQARTask, seed: int, console: Console) -> None:
     forgotten = client.append(fresh.session_id, tokens=queries).answers
     client.delete(fresh.session_id)
     console.print(_recall_table(remembered, forgotten))
+
+
+def _served_accuracy(
+    client, task: MQARTask, champion: dict, settings: MainJobSettings, console: Console
+) -> None:
+    """The champion's accuracy as a client meets it, beside the accuracy that chose it: fresh
+    rows of its task read whole (`/v1/predict`) and through sessions appending a few tokens per
+    request. Every memory is chunk invariant, so the two agree; this shows it."""
+    batch = tasks.generate(task.test_task(), settings.served_rows, settings.demo_seed + 1)
+    rows, labels = batch["inputs"].tolist(), batch["labels"].tolist()
+    with console.status(f"scoring {len(rows)} fresh rows through the server..."):
+        whole = client.predict(rows, top_k=1, positions=[list(range(len(r))) for r in rows])
+        predicted = [[p.answer for p in result.predictions] for result in whole.results]
+        appended = [_session_answers(client, row, settings.append_tokens) for row in rows]
+    console.print(
+        f"accuracy: registered {champion['val_accuracy']:.3f} (validation); served on "
+        f"{len(rows)} fresh rows: whole rows (/v1/predict) {_accuracy(predicted, labels):.3f}, "
+        f"sessions appending {settings.append_tokens} tokens a request "
+        f"{_accuracy(appended, labels):.3f}"
+    )
+
+
+def _session_answers(client, row: list[int], append_tokens: int) -> list[int]:
+    """The answers a session gives for `row` read `append_tokens` tokens per request."""
+    session = client.create_session().session_id
+    answers: list[int] = []
+    for start in range(0, len(row), append_tokens):
+        answers += client.append(session, tokens=row[start : start + append_tokens]).answers
+    client.delete(session)
+    return answers
+
+
+def _accuracy(answers: list[list[int]], labels: list[list[int]]) -> float:
+    """Share of the scored positions (labels other than IGNORE) answered right."""
+    pairs = [
+        (answer, label)
+        for row_answers, row_labels in zip(answers, labels, strict=True)
+        for answer, label in zip(row_answers, row_labels, strict=True)
+        if label != IGNORE
+    ]
+    return float(np.mean([answer == label for answer, label in pairs]))
 
 
 def _demonstrate_text(client, url: str, model_name: str, console: Console) -> None:

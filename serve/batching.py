@@ -1,13 +1,13 @@
 """Many requests, one forward pass: steps are stacked, run together, split back.
 
 A step is one sequence's tokens and its memory (batch 1). No step is padded: a pad token would
-advance a session's memory. When every layer of the model is chunk invariant (reading 7 tokens is
-reading 1 then 6), steps of different lengths advance in lockstep: each pass runs every unfinished
-step for as many tokens as the shortest of them has left, so a batch of lengths {1, 4, 7} takes 3
-passes of 3, 2 and 1 sequences, and every step shares the first pass. Otherwise (memory decisions
-at call boundaries, e.g. eviction by attention share) steps of equal length share a pass, one pass
-per length. States with different slot counts stack thanks to `ModelState.stack`'s padding with
-empty slots, which every mechanism ignores.
+advance a session's memory. Every memory layer is chunk invariant (reading 7 tokens is reading 1
+then 6), so steps of different lengths advance in lockstep: each pass runs every unfinished step
+for as many tokens as the shortest of them has left, so a batch of lengths {1, 4, 7} takes 3
+passes of 3, 2 and 1 sequences, and every step shares the first pass. The one exception is an
+encoder-decoder whose cross memory forgets at call ends: there steps of equal length share a
+pass, one pass per length. States with different slot counts stack thanks to
+`ModelState.stack`'s padding with empty slots, which every mechanism ignores.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ def run_steps(model: TokenModel, steps: list[Step]) -> list[StepResult]:
 
 
 def chunk_invariant(model: TokenModel) -> bool:
-    """Every self-memory is chunk invariant, and no cross memory forgets at call ends."""
+    """No cross memory forgets at call ends (every self-memory layer is chunk invariant by
+    contract: `memory_models.layer`)."""
     cross = getattr(model.config, "cross_memory", None)
-    forgets = cross is not None and cross.forget_threshold > 0
-    return not forgets and all(block.memory.chunk_invariant() for block in model.blocks)
+    return cross is None or cross.forget_threshold == 0
 
 
 def _lockstep(model: TokenModel, steps: list[Step]) -> list[StepResult]:

@@ -290,10 +290,11 @@ def streamed_states(
         yield state
 
 
-def assert_state_is_detached(layer: MemoryLayer) -> None:
+def assert_state_is_detached(layer: MemoryLayer, first_len: int = 9) -> None:
     """The state keeps no autograd history: a later call's output gets no gradient into an
-    earlier call's inputs (segment recurrence with a stop-gradient memory)."""
-    first = randn(2, 9, layer.d_model).requires_grad_()
+    earlier call's inputs (segment recurrence with a stop-gradient memory; `first_len` closes
+    the segments it opens)."""
+    first = randn(2, first_len, layer.d_model).requires_grad_()
     second = randn(2, 4, layer.d_model).requires_grad_()
     _, state = layer(first)
     assert not any(t.requires_grad for t in state.tensors().values())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -21,11 +19,9 @@ from layer_helpers import (
     streamed_states,
     warm_state,
     warm_states,
-    with_config,
 )
 
 from memory_models.attention import AttentionConfig, AttentionLayer
-from memory_models.common import rotary
 
 D_MODEL = 16
 WINDOW = 8
@@ -56,18 +52,12 @@ def test_fast_matches_reference_streaming_in_uneven_chunks(memory_size, threshol
     assert_fast_matches_reference(layer, x, chunks)
 
 
-@pytest.mark.parametrize("memory_size", [None, WINDOW])
-def test_chunked_equals_full_pass_at_threshold_zero(memory_size):
-    layer = make_layer(memory_size)
-    assert layer.chunk_invariant()
+@pytest.mark.parametrize(("memory_size", "threshold"), SETTINGS)
+def test_chunked_equals_full_pass_at_every_threshold(memory_size, threshold):
+    layer = make_layer(memory_size, threshold)
     x = randn(2, 33, D_MODEL).requires_grad_()
     # The cache keeps its autograd history, so gradients agree across chunkings too.
     assert_chunked_equals_full(layer, x, UNEVEN_CHUNKS, gradients=[x])
-
-
-def test_threshold_makes_the_layer_chunk_dependent():
-    assert not make_layer(WINDOW, 0.2).chunk_invariant()
-    assert not make_layer(None, 0.2).chunk_invariant()
 
 
 def test_sliding_window_sees_exactly_the_last_memory_size_tokens():
@@ -127,59 +117,90 @@ def test_higher_threshold_never_keeps_more(memory_size):
     assert_higher_threshold_never_keeps_more(base, randn(4, 19, D_MODEL), warm)
 
 
-def oracle_share(layer: AttentionLayer, x: torch.Tensor) -> torch.Tensor:
-    """`[B, T]` share of each token in one call from the empty state, written out independently.
-
-    From an empty cache the documented visibility is the sliding window `t - W < s <= t`.
-    """
-    batch, steps, _ = x.shape
-    heads, dim = layer.n_heads, layer.head_dim
-    positions = torch.arange(steps).expand(batch, steps)
-    q, k, _ = layer.qkv(x).view(batch, steps, 3, heads, dim).unbind(2)
-    q, k = (
-        rotary(q, positions, layer.config.rope_base),
-        rotary(k, positions, layer.config.rope_base),
-    )
-    t = torch.arange(steps)
-    visible = (t[:, None] >= t[None, :]) & (t[:, None] - t[None, :] < layer.config.memory_size)
-    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(dim)
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    return probs.mean(1).amax(1)
+def test_threshold_drops_every_entry_under_it_before_the_next_token():
+    """Per token: whatever else the policy does, an entry whose share is under the threshold
+    when the next token arrives is gone; only the newest token is not judged yet."""
+    layer = make_layer(None, 0.15)
+    x = randn(2, 25, D_MODEL)
+    for chunks in ([25], [1] * 25, [7, 18]):
+        with torch.no_grad():
+            _, state = run_chunks(layer, x, None, chunks)
+        for b in range(2):
+            judged = state.valid[b] & (state.positions[b] < 24)
+            assert (state.share[b][judged] >= 0.15).all()
+        assert (state.evictions == 25 - state.live_entries()).all()
 
 
-@pytest.mark.parametrize("threshold", [0.02, 0.1, 0.25])
-def test_the_most_attended_entries_are_kept(threshold):
-    layer = make_layer(WINDOW, threshold)
-    x = 2.0 * randn(3, 30, D_MODEL)
+@pytest.mark.parametrize("policy", ["threshold", "tova"])
+def test_a_full_cache_drops_the_entry_with_the_lowest_statistic(policy):
+    layer = policy_layer(policy)
+    warm = warm_state(layer, 3, 20)
+    assert (warm.live_entries() == WINDOW).all()
     with torch.no_grad():
-        share = oracle_share(layer, x)
-        _, state = layer(x)
+        _, state = layer(randn(3, 1, D_MODEL), warm)
+    for b in range(3):
+        held = warm.positions[b][warm.valid[b]]
+        lowest = held[warm.share[b][warm.valid[b]].argmin()].item()
+        kept = set(state.positions[b][state.valid[b]].tolist())
+        assert kept == (set(held.tolist()) - {lowest}) | {20}
+
+
+def test_h2o_keeps_the_recent_half_and_the_heaviest_of_the_rest():
+    layer = policy_layer("h2o")
+    warm = warm_state(layer, 3, 20)
+    room = WINDOW - 1
+    with torch.no_grad():
+        _, state = layer(randn(3, 1, D_MODEL), warm)
     for b in range(3):
         kept = state.positions[b][state.valid[b]].tolist()
-        evicted = sorted(set(range(30)) - set(kept))
-        torch.testing.assert_close(
-            state.share[b][state.valid[b]], share[b, kept], atol=1e-12, rtol=0
-        )
-        assert (share[b, kept] >= threshold).all()
-        candidates = [p for p in evicted if share[b, p] >= threshold]
-        if candidates:
-            # Over capacity: everything kept got at least as much attention as anything dropped.
-            assert len(kept) == WINDOW
-            assert share[b, kept].min() >= share[b, candidates].max()
-    assert (state.evictions == 30 - state.live_entries()).all()
+        assert set(range(20 - room // 2, 21)) <= set(kept)
+        held = warm.positions[b][warm.valid[b]]
+        older = held < 20 - room // 2
+        dropped = set(held.tolist()) - set(kept)
+        heavy = warm.share[b][warm.valid[b]]
+        assert len(dropped) == 1 and older[held == next(iter(dropped))].item()
+        assert heavy[held == next(iter(dropped))].item() == heavy[older].min().item()
 
 
-def test_threshold_without_window_keeps_exactly_the_entries_above_it():
-    tracker = make_layer(None, 1e-12)  # tracks shares, evicts nothing (every share is > 0)
-    strict = with_config(tracker, forget_threshold=0.15)
-    x = randn(2, 25, D_MODEL)
-    with torch.no_grad():
-        _, everything = tracker(x)
-        _, state = strict(x)
-    assert everything.live_entries().tolist() == [25, 25]
-    for b in range(2):
-        above = everything.share[b] >= 0.15
-        assert state.positions[b][state.valid[b]].tolist() == torch.arange(25)[above].tolist()
+def test_sinks_see_the_first_tokens_and_a_window_of_the_rest():
+    layer = policy_layer("sinks", sinks=2)
+    x = randn(1, 30, D_MODEL)
+    t = 25
+    y, state = run_chunks(layer, x, None, [7, 13, 10])
+    assert state.positions[0][state.valid[0]].tolist() == [0, 1, *range(30 - WINDOW + 2, 30)]
+
+    def output_at_t_after_changing(position: int) -> torch.Tensor:
+        other = x.clone()
+        other[:, position] += 1.0
+        return layer(other)[0][:, t]
+
+    # Seen: the two sinks and the newest WINDOW - 2 tokens up to t.
+    for seen in (0, 1, t - WINDOW + 3):
+        assert (output_at_t_after_changing(seen) - y[:, t]).abs().max().item() > 1e-6
+    for unseen in (2, t - WINDOW + 2):
+        torch.testing.assert_close(output_at_t_after_changing(unseen), y[:, t], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("policy", ["sinks", "threshold", "h2o", "tova"])
+def test_every_policy_streams_like_the_whole_pass_and_its_reference(policy):
+    layer = policy_layer(policy, threshold=0.05)
+    x = randn(3, 33, D_MODEL).requires_grad_()
+    assert_chunked_equals_full(layer, x, UNEVEN_CHUNKS, gradients=[x])
+    assert_fast_matches_reference(layer, x, [1, 9, 23], gradients=[x, *layer.parameters()])
+    for state in streamed_states(layer, [5, 1, 30], batch=3, scale=3.0):
+        assert (state.live_entries() <= WINDOW).all()
+
+
+def test_policies_that_need_a_bound_refuse_full_context():
+    assert_refused_naming(AttentionConfig, {"eviction": "tova", "memory_size": None}, "memory_size")
+    assert_refused_naming(AttentionConfig, {"eviction": "sinks", "memory_size": 4}, "sinks")
+
+
+def policy_layer(policy: str, threshold: float = 0.0, **fields) -> AttentionLayer:
+    config = AttentionConfig(
+        memory_size=WINDOW, forget_threshold=threshold, n_heads=2, eviction=policy, **fields
+    )
+    return config.build(D_MODEL).double()
 
 
 @pytest.mark.parametrize(("memory_size", "threshold"), SETTINGS)

@@ -33,12 +33,18 @@ D_MODEL = 16
 MEMORY_SIZE = 8
 
 
+# Segments of one token: the memories are written after every token, so the hand-computed
+# FIFO and compressed contents below hold after any chunking.
+SEGMENT = 1
+
+
 def make_layer(
     threshold: float = 0.0,
     memory_size: int = MEMORY_SIZE,
     d_model: int = D_MODEL,
     **fields,
 ) -> CompressiveLayer:
+    fields = {"segment_len": SEGMENT, **fields}
     config = CompressiveConfig(memory_size=memory_size, forget_threshold=threshold, **fields)
     return config.build(d_model).double()
 
@@ -208,7 +214,7 @@ def test_live_entries_never_exceed_memory_size(memory_size, rate, threshold, chu
 
 def test_threshold_drops_exactly_the_leaving_entries_attended_too_little():
     """Leaving entries under the bar are dropped, the others are compressed (mean of survivors)."""
-    layer = make_layer(memory_size=64, compression="mean_pool", cmem_fraction=0.5)
+    layer = make_layer(memory_size=64, compression="mean_pool", cmem_fraction=0.5, segment_len=40)
     x = randn(1, 40, D_MODEL)
     with torch.no_grad():
         _, everything = layer(x)
@@ -242,11 +248,15 @@ def layer_shares(layer: CompressiveLayer, x: torch.Tensor) -> torch.Tensor:
 def test_overflowing_compressed_memory_keeps_the_most_attended_slots():
     """4 old + 2 new compressed slots compete for 4 places: FIFO order keeps the newest, a
     threshold keeps the four the chunk attended most."""
-    layer = make_layer(0.001, memory_size=8, compression="mean_pool")
+    layer = make_layer(0.001, memory_size=8, compression="mean_pool", segment_len=4)
     fifo_layer = with_config(layer, forget_threshold=0.0)
     roomy = (
         CompressiveConfig(
-            memory_size=12, cmem_fraction=2 / 3, compression="mean_pool", forget_threshold=0.001
+            memory_size=12,
+            cmem_fraction=2 / 3,
+            compression="mean_pool",
+            forget_threshold=0.001,
+            segment_len=4,
         )
         .build(D_MODEL)
         .double()

@@ -64,8 +64,6 @@ def test_fast_matches_reference_in_chunks_that_cut_segments(threshold, chunks):
 
 def test_chunked_equals_full_pass_at_threshold_zero():
     layer = make_layer()
-    assert layer.chunk_invariant()
-    assert not make_layer(0.2).chunk_invariant()
     x = randn(2, 33, D_MODEL).requires_grad_()
     for chunks in ([5, 1, 11, 16], [3] * 11, [2, 31]):
         # Open inputs and summaries keep their autograd history: gradients agree too.

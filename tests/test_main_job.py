@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,12 @@ def test_memlab_run_goes_from_data_to_a_served_session(tmp_path: Path):
     assert done.returncode == 0, output[-4000:]
     for stage in ("1/4 data", "2/4 sweep", "3/4 serve", "4/4 a session", "recalled"):
         assert stage in output, output[-4000:]
+    # Served as a client meets it: whole rows and 8-token appends agree (the chunk contract).
+    served = re.search(
+        r"\(/v1/predict\) ([\d.]+), sessions appending 8 tokens a request ([\d.]+)", output
+    )
+    assert served, output[-4000:]
+    assert abs(float(served[1]) - float(served[2])) <= 0.02, served[0]
     # memlab's own progress and summary only; Ray's and MLflow's lines went to the named log.
     assert len(output.splitlines()) <= 60, output
     log = tmp_path / output.split("framework logs (Ray, MLflow): ")[1].split()[0]

@@ -115,7 +115,6 @@ def test_reference_matches_the_paper_written_out():
 def test_any_split_into_calls_equals_the_full_pass(threshold, chunks, conv_size):
     """Streaming with the carried state, single tokens (serving) included, is the full pass."""
     layer = mamba(threshold, conv_size=conv_size)
-    assert layer.chunk_invariant()
     x = randn(2, 33, D_MODEL).requires_grad_()
     # The state keeps its autograd history, so gradients agree across splits too.
     assert_chunked_equals_full(layer, x, chunks, gradients=[x, *layer.parameters()])

@@ -67,8 +67,6 @@ def test_fast_matches_reference_streaming_from_empty(pattern, threshold):
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_chunked_equals_full_pass_at_threshold_zero(pattern):
     layer = make_layer(pattern)
-    assert layer.chunk_invariant()
-    assert not with_config(layer, forget_threshold=0.2).chunk_invariant()
     x = randn(2, 45, D_MODEL).requires_grad_()
     # Held keys keep their autograd history, so gradients agree across chunkings too.
     assert_chunked_equals_full(layer, x, [5, 1, 11, 16, 12], gradients=[x])
@@ -216,7 +214,7 @@ def test_entries_never_exceed_the_bound(pattern, memory_size, threshold, chunks)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_threshold_keeps_exactly_the_reachable_keys_above_it(pattern):
+def test_threshold_drops_every_key_under_it_after_each_token(pattern):
     tracker = make_layer(pattern, 1e-12)  # tracks shares, drops nothing (every share is > 0)
     strict = with_config(tracker, forget_threshold=0.15)
     reachable = make_layer(pattern)
@@ -226,17 +224,13 @@ def test_threshold_keeps_exactly_the_reachable_keys_above_it(pattern):
         _, everything = tracker(x)
         y_strict, state = strict(x)
         y_all, exact = reachable(x)
-    # Within a call nothing is dropped: the threshold acts at the end of it.
-    torch.testing.assert_close(y_strict, y_all, atol=1e-12, rtol=0)
+    # Tracking shares changes nothing by itself; the first token reads before any judgement.
     assert everything.positions.equal(exact.positions)
+    torch.testing.assert_close(y_strict[:, :1], y_all[:, :1], atol=1e-12, rtol=0)
     for b in range(2):
-        above = everything.share[b] >= 0.15
-        kept = state.positions[b][state.valid[b]].tolist()
-        assert kept == everything.positions[b][above].tolist()
         assert (state.share[b][state.valid[b]] >= 0.15).all()
-    assert (state.evictions - exact.evictions).tolist() == [
-        int((everything.share[b] < 0.15).sum()) for b in range(2)
-    ]
+    assert (state.live_entries() <= exact.live_entries()).all()
+    assert not torch.equal(y_strict, y_all), "the threshold must really drop keys"
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

@@ -28,11 +28,14 @@ D_MODEL = 16
 MEMORY_SIZE = 8
 
 
+SEGMENT = 4
+
+
 def make_layer(
     threshold: float = 0.0, memory_size: int = MEMORY_SIZE, d_model: int = D_MODEL, n_heads: int = 4
 ) -> TransformerXLLayer:
     config = TransformerXLConfig(
-        memory_size=memory_size, forget_threshold=threshold, n_heads=n_heads
+        memory_size=memory_size, forget_threshold=threshold, n_heads=n_heads, segment_len=SEGMENT
     )
     return config.build(d_model).double()
 
@@ -68,7 +71,7 @@ def test_memory_holds_the_last_layer_inputs_with_their_positions():
 
 
 def test_memory_receives_no_gradient():
-    assert_state_is_detached(make_layer())
+    assert_state_is_detached(make_layer(), first_len=2 * SEGMENT)
 
 
 def test_every_live_memory_entry_is_read():
@@ -129,10 +132,11 @@ def test_live_entries_never_exceed_memory_size(memory_size, threshold, chunks, s
 
 
 def test_threshold_keeps_exactly_the_entries_attended_enough():
-    """With room for everything, the kept entries are those whose chunk share reaches the bar."""
+    """With room for everything, the kept entries are those whose segment share reaches the
+    bar."""
     layer = make_layer(memory_size=100)
-    state = warm_state(layer, 2, 9)
-    x = randn(2, 5, D_MODEL)
+    state = warm_state(layer, 2, 2 * SEGMENT)
+    x = randn(2, SEGMENT, D_MODEL)  # one segment: every entry judged once, by its queries
     with torch.no_grad():
         _, everything = layer(x, state)
         threshold = everything.share.median().item()
@@ -142,7 +146,7 @@ def test_threshold_keeps_exactly_the_entries_attended_enough():
         expected = everything.positions[b][everything.share[b] >= threshold]
         assert torch.equal(thresholded.positions[b][thresholded.valid[b]], expected)
     assert 0 < thresholded.valid.sum() < everything.valid.sum()
-    candidates = 9 + 5
+    candidates = 3 * SEGMENT
     assert torch.equal(thresholded.evictions, candidates - thresholded.live_entries())
 
 
