@@ -68,6 +68,7 @@ class Settings(Limits):
     num_kv_pairs: int
     num_updates: int
     cost_tokens: int
+    forgetting_lr: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +104,8 @@ def build(memory: dict[str, Any], settings: Settings) -> SequenceModel:
 
 
 def train(memory: dict[str, Any], task: MQARTask, held_out: Tensors, settings: Settings):
+    if task.kind == "forgetting_mqar":
+        settings = dataclasses.replace(settings, lr=settings.forgetting_lr)
     torch.manual_seed(settings.seed)
     model = build(memory, settings)
     curve, _ = learning_curve(
@@ -252,6 +255,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-kv-pairs", type=int, default=4)
     parser.add_argument("--num-updates", type=int, default=2)
     parser.add_argument("--cost-tokens", type=int, default=128, help="tokens timed per policy")
+    parser.add_argument(
+        "--forgetting-lr",
+        type=float,
+        default=1e-3,
+        help="learning rate on forgetting-MQAR (attention stays on its plateau at 3e-3)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the table and PNG here")
     add_learning_options(parser, steps=2000, budget_s=900.0, output="eviction.json")
     parser.set_defaults(target=0.99)

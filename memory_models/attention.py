@@ -74,6 +74,7 @@ class AttentionConfig(MemoryConfig):
     """
 
     kind: Literal["attention"] = "attention"
+    threshold_range = (0.05, 0.5)  # attention shares
     memory_size: int | None = Field(default=None, ge=1)
     n_heads: int = Field(default=4, ge=1)
     rope_base: float = Field(default=10000.0, gt=1.0)

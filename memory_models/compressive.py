@@ -95,6 +95,7 @@ class CompressiveConfig(MemoryConfig):
     """
 
     kind: Literal["compressive"] = "compressive"
+    threshold_range = (0.01, 0.5)  # attention shares
     memory_size: int = Field(default=32, ge=1)
     compression_rate: int = Field(default=2, ge=1)
     cmem_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)

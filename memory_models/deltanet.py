@@ -48,6 +48,7 @@ class DeltaNetConfig(MemoryConfig):
     shape_bound = frozenset({"memory_size"})  # Dk sizes the query and key projections
 
     kind: Literal["deltanet"] = "deltanet"
+    threshold_range = (0.2, 0.95)  # the gate values
     memory_size: int = Field(default=16, ge=1)
     n_heads: int = Field(default=4, ge=1)
     gated: bool = True

@@ -53,6 +53,7 @@ class DynamicMemoryConfig(MemoryConfig):
     """
 
     kind: Literal["dynamic_memory"] = "dynamic_memory"
+    threshold_range = (0.95, 0.999)  # decayed importance
     memory_size: int = Field(default=32, ge=1)
     slot_size: int | None = Field(default=None, ge=1)
     n_heads: int = Field(default=1, ge=1)

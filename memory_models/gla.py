@@ -49,6 +49,7 @@ class GLAConfig(MemoryConfig):
     shape_bound = frozenset({"memory_size"})  # d_k sizes the query, key and gate projections
 
     kind: Literal["gla"] = "gla"
+    threshold_range = (0.95, 0.99)  # the data-dependent decays, near 1
     memory_size: int = Field(default=16, ge=1)
     n_heads: int = Field(default=4, ge=1)
     chunk_size: int = Field(default=16, ge=1)

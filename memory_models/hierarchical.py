@@ -60,6 +60,7 @@ class HierarchicalConfig(MemoryConfig):
     """
 
     kind: Literal["hierarchical"] = "hierarchical"
+    threshold_range = (0.05, 0.5)  # attention shares of the summaries
     memory_size: int = Field(default=16, ge=1)
     segment_len: int = Field(default=8, ge=1)
     n_heads: int = Field(default=4, ge=1)

@@ -36,6 +36,11 @@ class MemoryConfig(BaseModel):
     shape_bound: ClassVar[frozenset[str]] = frozenset()
     #: False for a mechanism with nothing to forget; its `forget_threshold` must stay 0.
     forgets: ClassVar[bool] = True
+    #: Where `forget_threshold` changes something: the values the kind's decision statistic
+    #: (a share, a decay, a gate) takes, so that thresholds outside it are idle. Checked at
+    #: initialisation (`tests/test_contract.py`: the midpoint changes the outputs); training moves
+    #: the statistics (the CPU report found GLA's learned decays at 0.8 to 0.99).
+    threshold_range: ClassVar[tuple[float, float] | None] = None
 
     kind: str
     memory_size: int | None = Field(default=32, ge=1)
@@ -58,6 +63,16 @@ class MemoryConfig(BaseModel):
             f"forget_threshold={self.forget_threshold}: kind {self.kind!r} has no decay or "
             "eviction, so there is nothing to forget; leave forget_threshold at 0"
         )
+
+    @classmethod
+    def acting_thresholds(cls, count: int = 2) -> tuple[float, ...]:
+        """`count` thresholds spread evenly inside `threshold_range` (ends excluded), for a
+        sweep or a test that wants the threshold to do something; () if nothing is forgotten."""
+        if cls.threshold_range is None:
+            return ()
+        low, high = cls.threshold_range
+        step = (high - low) / (count + 1)
+        return tuple(round(low + step * i, 6) for i in range(1, count + 1))
 
     @classmethod
     def movable_settings(cls) -> frozenset[str]:

@@ -34,6 +34,7 @@ class LSTMConfig(MemoryConfig):
     shape_bound = frozenset({"memory_size"})  # the hidden size sizes every weight
 
     kind: Literal["lstm"] = "lstm"
+    threshold_range = (0.02, 0.5)  # forget-gate values
     memory_size: int = Field(default=64, ge=1)
 
     def build(self, d_model: int) -> LSTMLayer:

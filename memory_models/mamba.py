@@ -49,6 +49,7 @@ class MambaConfig(MemoryConfig):
     shape_bound = frozenset({"memory_size"})  # d_state sizes A, B and C
 
     kind: Literal["mamba"] = "mamba"
+    threshold_range = (0.9, 0.999)  # the discretised decays exp(dt A)
     memory_size: int = Field(default=16, ge=1)
     expand: int = Field(default=2, ge=1)
     conv_size: int = Field(default=4, ge=1)

@@ -51,6 +51,7 @@ class MemoryNetworkConfig(MemoryConfig):
     """
 
     kind: Literal["memory_network"] = "memory_network"
+    threshold_range = (0.8, 0.99)  # decayed usage
     memory_size: int = Field(default=32, ge=1)
     word_size: int = Field(default=16, ge=1)
     n_read_heads: int = Field(default=1, ge=1)

@@ -55,6 +55,7 @@ class ReformerConfig(MemoryConfig):
     """
 
     kind: Literal["reformer"] = "reformer"
+    threshold_range = (0.01, 0.5)  # attention shares
     memory_size: int = Field(default=64, ge=1)
     n_heads: int = Field(default=4, ge=1)
     n_hashes: int = Field(default=2, ge=1)

@@ -44,6 +44,7 @@ class RetNetConfig(MemoryConfig):
     shape_bound = frozenset({"memory_size"})  # d_k sizes the query and key projections
 
     kind: Literal["retnet"] = "retnet"
+    threshold_range = (0.97, 0.999)  # the heads' fixed decays gamma (all at least 0.96875)
     memory_size: int = Field(default=16, ge=1)
     n_heads: int = Field(default=4, ge=1)
     chunk_size: int = Field(default=16, ge=1)

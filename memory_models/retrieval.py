@@ -69,6 +69,7 @@ class RetrievalConfig(MemoryConfig):
     """
 
     kind: Literal["retrieval"] = "retrieval"
+    threshold_range = (0.95, 0.999)  # decayed retrieval shares
     memory_size: int = Field(default=256, ge=1)
     n_heads: int = Field(default=4, ge=1)
     top_k: int = Field(default=8, ge=1)

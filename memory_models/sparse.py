@@ -76,6 +76,7 @@ class SparseConfig(MemoryConfig):
     """
 
     kind: Literal["sparse"] = "sparse"
+    threshold_range = (0.05, 0.5)  # attention shares
     memory_size: int = Field(default=16, ge=1)
     pattern: Literal["strided", "fixed", "longformer"] = "fixed"
     summary_len: int = Field(default=1, ge=1)

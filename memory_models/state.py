@@ -92,14 +92,22 @@ class MemoryState:
 
 @dataclasses.dataclass
 class SlotCacheState(MemoryState):
-    """A cache of slots whose live ones are marked by a bool `valid: [B, L]` and that counts the
-    entries it dropped in `evictions: [B]` long. Subclasses declare those fields with the rest."""
+    """A cache of slots whose live ones are marked by a bool `valid: [B, L]`, that counts the
+    entries it dropped in `evictions: [B]` long and the tokens it has read in `position: [B]`
+    long. Subclasses declare those fields with the rest."""
 
     def live_entries(self) -> Tensor:
         return self.valid.sum(1)
 
     def metrics(self) -> dict[str, float]:
-        return {**super().metrics(), "evictions": self.evictions.float().mean().item()}
+        """Besides the live entries: evictions so far and per token read, so that a logged run
+        shows at once whether its threshold or its bound did anything."""
+        per_token = self.evictions.float() / self.position.clamp_min(1)
+        return {
+            **super().metrics(),
+            "evictions": self.evictions.float().mean().item(),
+            "evictions_per_token": per_token.mean().item(),
+        }
 
 
 def _cat_padded(tensors: list[Tensor]) -> Tensor:

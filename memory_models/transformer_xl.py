@@ -48,6 +48,7 @@ class TransformerXLConfig(MemoryConfig):
     """
 
     kind: Literal["transformer_xl"] = "transformer_xl"
+    threshold_range = (0.05, 0.5)  # attention shares
     memory_size: int = Field(default=32, ge=1)
     n_heads: int = Field(default=4, ge=1)
     segment_len: int = Field(default=32, ge=1)

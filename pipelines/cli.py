@@ -74,7 +74,8 @@ def zoo(
         memory_size=memory_size,
     )
     table = Table(title=f"memlab zoo: B={batch_size}, T={seq_len} in segments of {segment_len}")
-    for column in ("mechanism", "parameters", "state bytes/seq", "live entries", "tokens/s"):
+    columns = ("mechanism", "parameters", "state bytes/seq", "live entries", "tokens/s")
+    for column in (*columns, "threshold acts"):
         table.add_column(column, justify="left" if column == "mechanism" else "right")
     with console.status("streaming through the zoo...") as status:
 
@@ -86,6 +87,7 @@ def zoo(
                 f"{row.state_bytes_per_sequence:,}",
                 f"{row.live_entries:.1f}",
                 f"{row.tokens_per_second:,.0f}",
+                _threshold_range(row.kind),
             )
 
         try:
@@ -93,6 +95,14 @@ def zoo(
         except ValueError as error:
             raise typer.BadParameter(str(error), param_hint="--kind") from error
     console.print(table)
+
+
+def _threshold_range(kind: str) -> str:
+    """Where a kind's forget_threshold changes something (`MemoryConfig.threshold_range`)."""
+    from memory_models.registry import REGISTRY
+
+    low_high = REGISTRY[kind].threshold_range
+    return "never" if low_high is None else f"{low_high[0]:g}..{low_high[1]:g}"
 
 
 @app.command()
@@ -194,6 +204,14 @@ def tune(
     kinds: KindsOption = None,
     memory_sizes: MemorySizesOption = None,
     thresholds: ThresholdsOption = None,
+    acting_thresholds: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Instead of -t: threshold 0 and N thresholds inside each kind's own "
+            "threshold_range (where its threshold acts; `memlab zoo` lists the ranges).",
+        ),
+    ] = 0,
     space: Annotated[
         str | None,
         typer.Option(help='More dimensions as JSON: {"train.lr": {"loguniform": [1e-4, 1e-2]}}'),
@@ -224,13 +242,28 @@ def tune(
 
     from pipelines.display import sweep_progress, sweep_table
     from pipelines.tune.settings import SweepSettings
-    from pipelines.tune.space import SpaceError, grid_space, planned_trials
+    from pipelines.tune.space import (
+        SpaceError,
+        acting_threshold_space,
+        grid_space,
+        planned_trials,
+    )
     from pipelines.tune.sweep import run_sweep
 
     base = _config(recipe, overrides)
+    if acting_thresholds and thresholds:
+        raise typer.BadParameter(
+            "give thresholds with -t or ask for --acting-thresholds N, not both",
+            param_hint="--threshold/--acting-thresholds",
+        )
     try:
         extra = json.loads(space) if space else {}
-        raw_space = grid_space(kinds or (), memory_sizes or (), thresholds or (), extra)
+        if acting_thresholds:
+            raw_space = acting_threshold_space(
+                base, kinds or (), memory_sizes or (), acting_thresholds, extra
+            )
+        else:
+            raw_space = grid_space(kinds or (), memory_sizes or (), thresholds or (), extra)
         settings = SweepSettings(
             name=name,
             scheduler=scheduler,

@@ -224,7 +224,8 @@ def test_float32_state_and_metrics():
     assert torch.isfinite(x.grad).all() and state.keys.dtype == torch.float32
     assert state.positions.dtype == torch.long and state.valid.dtype == torch.bool
     metrics = state.metrics()
-    assert set(metrics) == {"live_entries", "evictions"}
+    assert set(metrics) == {"live_entries", "evictions", "evictions_per_token"}
+    assert metrics["evictions_per_token"] == pytest.approx(metrics["evictions"] / 9)
     assert metrics["evictions"] == 9 - metrics["live_entries"]
 
 

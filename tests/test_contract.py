@@ -27,10 +27,22 @@ from memory_models.registry import REGISTRY, memory_config
 D_MODEL = 32
 MEMORY_SIZE = 8
 KINDS = list(REGISTRY)
-THRESHOLDS = [0.0, 0.3]
+# 0, and a threshold that acts: the midpoint of the kind's declared `threshold_range`.
+THRESHOLDS = ["zero", "acting"]
 
 
-def make_layer(kind: str, threshold: float = 0.0, dtype=torch.float64) -> MemoryLayer:
+def threshold_of(kind: str, which: str) -> float:
+    if which == "zero":
+        return 0.0
+    acting = REGISTRY[kind].acting_thresholds(1)
+    if not acting:
+        pytest.skip(f"{kind} has nothing to forget (forget_threshold must be 0)")
+    return acting[0]
+
+
+def make_layer(kind: str, threshold: float | str = 0.0, dtype=torch.float64) -> MemoryLayer:
+    if isinstance(threshold, str):
+        threshold = threshold_of(kind, threshold)
     if threshold > 0 and not REGISTRY[kind].forgets:
         pytest.skip(f"{kind} has nothing to forget (forget_threshold must be 0)")
     return layer_helpers.make_layer(
@@ -101,8 +113,22 @@ def test_movable_settings_change_in_place_like_a_fresh_layer(kind):
             layer.reconfigure(memory_size=3)
 
 
+@pytest.mark.parametrize("kind", [kind for kind in KINDS if REGISTRY[kind].forgets])
+def test_a_threshold_inside_its_declared_range_acts(kind):
+    """Every kind that forgets says where its threshold does something (`threshold_range`,
+    used by sweeps and by the tests above); at its midpoint the outputs change."""
+    low, high = REGISTRY[kind].threshold_range
+    assert 0.0 < low < high < 1.0
+    layer = make_layer(kind)
+    acting = layer_helpers.with_config(layer, forget_threshold=threshold_of(kind, "acting"))
+    x = torch.randn(2, 48, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        assert not torch.equal(layer(x)[0], acting(x)[0]), f"{kind}: the threshold is idle"
+
+
 @pytest.mark.parametrize("kind", [kind for kind in KINDS if not REGISTRY[kind].forgets])
 def test_a_threshold_without_anything_to_forget_is_refused(kind):
+    assert REGISTRY[kind].threshold_range is None
     with pytest.raises(ValidationError, match="nothing to forget"):
         memory_config({"kind": kind, "forget_threshold": 0.1})
 
@@ -165,8 +191,7 @@ def test_memory_never_exceeds_its_size(kind, threshold):
 def test_long_streams_stay_finite(kind):
     """Thousands of steps in float32, inputs from 0.01 to 100 in scale, forgetting on where the
     mechanism forgets: outputs, state and then gradients stay finite, the memory in its bound."""
-    threshold = 0.5 if REGISTRY[kind].forgets else 0.0
-    layer = make_layer(kind, threshold, dtype=torch.float32)
+    layer = make_layer(kind, "acting" if REGISTRY[kind].forgets else "zero", dtype=torch.float32)
     state = None
     with torch.no_grad():
         for chunk in range(10):
@@ -190,7 +215,7 @@ def test_state_size_bytes_matches_the_state(kind):
             with torch.no_grad():
                 _, state = run_chunks(layer, torch.randn(2, seq_len, D_MODEL), None, [seq_len])
             predicted = layer.state_size_bytes(seq_len, torch.float32)
-            if threshold == 0.0:
+            if threshold == "zero":
                 assert predicted == state.nbytes_per_sequence(), (seq_len, threshold)
             else:
                 assert predicted >= state.nbytes_per_sequence(), (seq_len, threshold)

@@ -272,7 +272,7 @@ def test_metrics_and_dtypes():
     _, state = layer(torch.randn(2, 17, 16))
     assert state.summaries.dtype == torch.float32 and state.segments.dtype == torch.long
     assert state.valid.dtype == torch.bool and state.open_inputs.shape == (2, 1, 16)
-    assert set(state.metrics()) == {"live_entries", "evictions"}
+    assert set(state.metrics()) == {"live_entries", "evictions", "evictions_per_token"}
 
 
 def test_config_defaults_and_json():

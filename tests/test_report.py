@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from memory_models.registry import memory_config
+from memory_models.registry import REGISTRY, memory_config
 from pipelines.cli import app
 from pipelines.report import figures
 from pipelines.report.analysis import asha_compute, by_configuration, pareto_front, threshold_effect
@@ -137,8 +137,21 @@ def test_every_scale_has_valid_data_and_the_cpu_grid_checks():
 def test_forgetting_runs_each_kind_at_its_largest_memory_full_attention_above_all():
     attention = MechanismGrid(kind="attention", memory_sizes=(None, 16))
     gru = MechanismGrid(kind="gru", memory_sizes=(256, 64))
-    assert [p["memory_size"] for p in attention.forgetting_points((0.0, 0.1))] == [None, None]
-    assert [p["memory_size"] for p in gru.forgetting_points((0.0,))] == [256]
+    assert [p["memory_size"] for p in attention.forgetting_points(1)] == [None, None]
+    assert [p["memory_size"] for p in gru.forgetting_points(1)] == [256, 256]
+
+
+def test_forgetting_thresholds_lie_where_each_kind_forgets():
+    """A share kind and a decay kind act at different thresholds: each draws its own."""
+    for kind in ("attention", "gla", "mamba", "linear_attention"):
+        grid = MechanismGrid(kind=kind, memory_sizes=(16,))
+        thresholds = [p["forget_threshold"] for p in grid.forgetting_points(2)]
+        assert thresholds[0] == 0.0
+        if REGISTRY[kind].forgets:
+            low, high = REGISTRY[kind].threshold_range
+            assert len(thresholds) == 3 and all(low < t < high for t in thresholds[1:])
+        else:
+            assert thresholds == [0.0]
 
 
 @pytest.mark.parametrize("name", ["gpu", "cpu"])

@@ -358,7 +358,7 @@ def test_float32_has_a_pulse():
     with torch.no_grad():
         y, state = run_chunks(layer, torch.randn(2, 512, 32), None, [64] * 8)
     assert torch.isfinite(y).all() and state.keys.dtype == torch.float32
-    assert set(state.metrics()) == {"live_entries", "evictions"}
+    assert set(state.metrics()) == {"live_entries", "evictions", "evictions_per_token"}
     x = torch.randn(4, 48, 32)
     target = torch.roll(x, 12, dims=1)  # recall from 12 tokens back: beyond the window
     losses = adam_losses(layer, x, target, steps=10)

@@ -9,10 +9,16 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from memory_models.registry import REGISTRY
 from pipelines.experiment import apply_overrides, outputs_under
 from pipelines.recipes import debug
 from pipelines.tune.settings import SweepSettings
-from pipelines.tune.space import SpaceError, parse_space
+from pipelines.tune.space import (
+    SpaceError,
+    acting_threshold_space,
+    parse_space,
+    planned_trials,
+)
 from pipelines.tune.sweep import run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -95,3 +101,22 @@ def test_sweep_registers_a_loadable_champion_and_resumes(ray_local, tmp_path):
         filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'",
     )
     assert len(children_after) == 8
+
+
+def test_acting_thresholds_give_each_kind_its_own_grid():
+    """`memlab tune --acting-thresholds N`: a share kind and a decay kind each get thresholds
+    where theirs act; a kind with nothing to forget gets 0 only; the base's other fields stay."""
+    base = apply_overrides(debug("attention"), {"model.memory.n_heads": 2})
+    space = acting_threshold_space(base, ["attention", "gla", "linear_attention"], [8], 2)
+    points = space["model.memory"]["grid"]
+    by_kind: dict[str, list[float]] = {}
+    for point in points:
+        by_kind.setdefault(point["kind"], []).append(point["forget_threshold"])
+        assert point["memory_size"] == 8
+    assert by_kind["linear_attention"] == [0.0]
+    for kind in ("attention", "gla"):
+        low, high = REGISTRY[kind].threshold_range
+        assert by_kind[kind][0] == 0.0 and all(low < t < high for t in by_kind[kind][1:])
+        assert len(by_kind[kind]) == 3
+    assert next(p for p in points if p["kind"] == "attention")["n_heads"] == 2
+    assert planned_trials(space) == 7

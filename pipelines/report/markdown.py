@@ -106,7 +106,8 @@ def _setup(context: ReportContext, frontier: SweepTables, forgetting: SweepTable
         f"{list(scale.forgetting_d_models)}), vocabulary {scale.data.task.vocab_size}.",
         "- Mechanisms and memory sizes: "
         + "; ".join(f"{g.kind} {list(g.memory_sizes)}" for g in scale.mechanisms)
-        + f"; forget thresholds {list(scale.thresholds)} (each kind's largest memory).",
+        + f"; forget thresholds 0 and {scale.acting_thresholds} inside each kind's "
+        "`threshold_range` (each kind's largest memory).",
         f"- Training: `{_json(train.model_dump(mode='json', exclude={'lr'}))}`, learning rates "
         f"{list(scale.learning_rates)} (forgetting sweep {list(scale.rates(forgetting=True))}); "
         f"seeds: data {scale.data.seed}, training {train.seed}.",

@@ -192,7 +192,7 @@ def plan_lines(report: ReportPlan) -> list[str]:
         f"scale {scale.name}: {scale.why}",
         "  grid: " + "; ".join(f"{g.kind} {list(g.memory_sizes)}" for g in scale.mechanisms),
         f"  x d_model {list(scale.d_models)} x lr {_rates(scale.learning_rates)}"
-        f"; forgetting: thresholds {list(scale.thresholds)} at d_model "
+        f"; forgetting: thresholds 0 and {scale.acting_thresholds} in each kind's range at d_model "
         f"{list(scale.forgetting_d_models)} x lr {_rates(scale.rates(forgetting=True))}",
     ]
     for sweep in report.sweeps:

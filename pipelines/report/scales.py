@@ -41,10 +41,11 @@ class MechanismGrid(Strict):
         """Whole memory configs (JSON-ready), one per memory size, threshold 0."""
         return [self._point(size, 0.0) for size in self.memory_sizes]
 
-    def forgetting_points(self, thresholds: tuple[float, ...]) -> list[dict[str, Any]]:
-        """The largest memory size (`None`, unbounded, above all) at every threshold where the
-        kind forgets at all; a kind that does not forget gets threshold 0 only."""
-        usable = thresholds if REGISTRY[self.kind].forgets else (0.0,)
+    def forgetting_points(self, acting: int) -> list[dict[str, Any]]:
+        """The largest memory size (`None`, unbounded, above all) at threshold 0 and at `acting`
+        thresholds inside the kind's `threshold_range` (where its threshold does something); a
+        kind that does not forget gets threshold 0 only."""
+        usable = (0.0, *REGISTRY[self.kind].acting_thresholds(acting))
         largest = None if None in self.memory_sizes else max(self.memory_sizes)
         return [self._point(largest, t) for t in dict.fromkeys(usable)]
 
@@ -75,7 +76,9 @@ class ReportScale(Strict):
     mechanisms: tuple[MechanismGrid, ...]
     d_models: tuple[int, ...]
     learning_rates: tuple[float, ...]
-    thresholds: tuple[float, ...]
+    #: Thresholds per kind in the forgetting sweep beside 0, spread inside the kind's own
+    #: `threshold_range` (a share kind's and a decay kind's thresholds act at different values).
+    acting_thresholds: int = Field(ge=1)
     forgetting_d_models: tuple[int, ...]
     #: The forgetting sweep's learning rates; `None`: the same as `learning_rates`.
     forgetting_learning_rates: tuple[float, ...] | None = None
@@ -116,7 +119,9 @@ class ReportScale(Strict):
     def forgetting_space(self) -> dict[str, Any]:
         """The forgetting-MQAR sweep (on `base_config(forgetting=True)`): each mechanism's
         largest memory x threshold x `forgetting_d_models`."""
-        points = [p for grid in self.mechanisms for p in grid.forgetting_points(self.thresholds)]
+        points = [
+            p for grid in self.mechanisms for p in grid.forgetting_points(self.acting_thresholds)
+        ]
         return _space(points, self.forgetting_d_models, self.rates(forgetting=True))
 
     def rates(self, forgetting: bool = False) -> tuple[float, ...]:
@@ -209,7 +214,7 @@ def gpu_scale() -> ReportScale:
         ),
         d_models=(64, 128, 256, 512),
         learning_rates=protocol.learning_rates,
-        thresholds=(0.0, 0.05, 0.2),
+        acting_thresholds=2,
         forgetting_d_models=(128,),
         train=TrainSettings(
             epochs=protocol.epochs,
@@ -287,7 +292,7 @@ def cpu_scale() -> ReportScale:
         ),
         d_models=(64,),
         learning_rates=(1e-3, 3e-3),
-        thresholds=(0.0, 0.1),
+        acting_thresholds=1,
         forgetting_d_models=(64,),
         forgetting_learning_rates=(3e-3,),
         train=TrainSettings(
@@ -336,7 +341,7 @@ def tiny_scale() -> ReportScale:
         ),
         d_models=(16,),
         learning_rates=(3e-3,),
-        thresholds=(0.0, 0.2),
+        acting_thresholds=1,
         forgetting_d_models=(16,),
         train=TrainSettings(
             epochs=2, batch_size=16, max_steps_per_epoch=2, max_eval_batches=2, warmup_steps=1

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -241,24 +241,36 @@ def evaluate(
     bit_width: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Loss and task metrics over `batches`, streamed in the same segments as training."""
+    """Loss and task metrics over `batches`, streamed in the same segments as training, and the
+    memory's own metrics at the end of each row (`memory/...`, means over batches: live entries,
+    evictions per token), which say whether a forget threshold did anything."""
     was_training = model.training
     model.eval()
     accumulator = EvalAccumulator(task_kind, bit_width)
+    memory: list[dict[str, float]] = []
     try:
         for batch in batches:
-            logits = _stream_logits(
+            logits, state = _stream_logits(
                 model, batch["inputs"], segment_len, autocast_dtype, batch.get("context")
             )
             accumulator.add(logits, batch)
+            memory.append(state.metrics())
     finally:
         model.train(was_training)
-    return accumulator.result()
+    return accumulator.result() | _mean_memory(memory)
+
+
+def _mean_memory(per_batch: list[dict[str, float]]) -> dict[str, float]:
+    if not per_batch:
+        return {}
+    return {
+        f"memory/{key}": sum(m[key] for m in per_batch) / len(per_batch) for key in per_batch[0]
+    }
 
 
 def _stream_logits(
     model: TokenModel, inputs: Tensor, segment_len: int | None, autocast_dtype, context=None
-) -> Tensor:
+) -> tuple[Tensor, Any]:
     state = None
     pieces = []
     for segment in segments(inputs, segment_len or inputs.shape[1]):
@@ -266,7 +278,7 @@ def _stream_logits(
         with _autocast(inputs.device, autocast_dtype):
             logits, state = model(segment.inputs, state, **extra)
         pieces.append(logits.float())
-    return torch.cat(pieces, dim=1)  # [B, T, V]
+    return torch.cat(pieces, dim=1), state  # [B, T, V] and the state after the rows
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -57,9 +57,20 @@ def _row(config: ExperimentConfig, params: dict, history, error) -> dict[str, An
         "state_bytes": config.state_bytes_per_sequence(),
         "val_accuracy": _best(history, "val_accuracy", max),
         "val_loss": _best(history, "val_loss", min),
+        # What the memory's bound and threshold did when scored: 0 means neither acted.
+        "evictions_per_token": _last_layer_mean(history, "evictions_per_token"),
         "epochs": _best(history, "epoch", max),
         "status": "error" if error else "ok",
     }
+
+
+def _last_layer_mean(history: pd.DataFrame | None, metric: str) -> float:
+    """The last evaluation's `val_memory/layer{i}/{metric}`, averaged over layers."""
+    if history is None:
+        return float("nan")
+    columns = [c for c in history if c.startswith("val_memory/") and c.endswith(f"/{metric}")]
+    last = history[columns].dropna(how="all")
+    return float(last.iloc[-1].mean()) if columns and len(last) else float("nan")
 
 
 def _memory_key(key: str) -> bool:

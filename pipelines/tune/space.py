@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, model_validator
 from ray import tune
 
+from memory_models.registry import REGISTRY
 from pipelines.experiment import ExperimentConfig, OverrideError, apply_overrides
 
 
@@ -107,6 +108,30 @@ def grid_space(
         if values
     }
     return grid | dict(extra or {})
+
+
+def acting_threshold_space(
+    base: ExperimentConfig,
+    kinds: Sequence[str] = (),
+    memory_sizes: Sequence[int] = (),
+    acting: int = 1,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A grid over whole memory configs: each kind (default: the base's) x memory size (default:
+    the base's) x threshold 0 and `acting` thresholds inside that kind's `threshold_range`, where
+    its threshold changes something (a share kind and a decay kind act at different values, so
+    one threshold axis shared by all kinds would leave some idle). Plus `extra` dimensions."""
+    memory = base.model.memory
+    points = []
+    for kind in kinds or (memory.kind,):
+        for size in memory_sizes or (memory.memory_size,):
+            for threshold in (0.0, *REGISTRY[kind].acting_thresholds(acting)):
+                # Setting the kind resets its own fields, so it is set only where it changes.
+                point = {} if kind == memory.kind else {"model.memory.kind": kind}
+                point |= {"model.memory.memory_size": size}
+                point["model.memory.forget_threshold"] = threshold
+                points.append(apply_overrides(base, point).model.memory.model_dump(mode="json"))
+    return {"model.memory": {"grid": points}} | dict(extra or {})
 
 
 def planned_trials(raw: dict[str, Any], num_samples: int = 1) -> int | None:
