@@ -120,11 +120,13 @@ class AttentionLayer(FusedQKVLayer):
     of queries before t; then the token joins the cache and its query attends over all of it.
     Outputs and state therefore do not depend on how a stream is cut into calls.
 
-    Fast paths: with a positional policy (`window`, `sinks`) and threshold 0 the rule depends on
-    positions only, so a chunk is one fused `scaled_dot_product_attention` under a position mask
-    (key j visible to query i when `i - W < j <= i`, or `j < sinks` for `sinks`), and the cache is
-    narrowed once at the end. Otherwise a loop over the chunk's tokens, batched over sequences and
-    heads (`_step`). `reference_forward` is the rule written over Python lists, token by token.
+    Fast path: one fused `scaled_dot_product_attention` over `[cache ; chunk]` under a boolean
+    mask of what each query sees, then the cache narrowed once. With a positional policy
+    (`window`, `sinks`) at threshold 0 the mask depends on positions only (key j visible to query
+    i when `i - W < j <= i`, or `j < sinks` for `sinks`). Otherwise the decisions are made first,
+    token by token but without gradients and on precomputed scores (`_decide_per_token`): the
+    masks they give are exactly those of the per-token rule. `reference_forward` is the rule
+    written over Python lists, token by token.
 
     Cached keys and values keep their autograd history; a trainer cuts it with `state.detach()`.
     """
@@ -151,46 +153,37 @@ class AttentionLayer(FusedQKVLayer):
     def forward(
         self, x: Tensor, state: AttentionState | None = None
     ) -> tuple[Tensor, AttentionState]:
-        """`x: [B, T, D]` -> `y: [B, T, D]`."""
+        """`x: [B, T, D]` -> `y: [B, T, D]`: one masked attention over `[cache ; chunk]`, with
+        the per-token decisions made first where the policy reads shares."""
         state = self._state_or_init(x, state)
-        q, k, v, chunk_pos = self._project(x, state.position)
-        if not self._tracks_share:
-            return self._fused_chunk(q, k, v, chunk_pos, state)
-        reads = []
-        for t in range(x.shape[1]):
-            read, state = self._step(q[:, t], k[:, t], v[:, t], chunk_pos[:, t], state)
-            reads.append(read)
-        if not reads:
+        steps = x.shape[1]
+        if steps == 0:
             return torch.zeros_like(x), state
-        return self.out(torch.stack(reads, dim=1).flatten(2)), state
+        q, k, v, chunk_pos = self._project(x, state.position)
+        keys = torch.cat([state.keys, k], dim=1)  # [B, N = L+T, H, Dh]
+        values = torch.cat([state.values, v], dim=1)
+        positions = torch.cat([state.positions, chunk_pos], dim=1)  # [B, N]
+        candidates = torch.cat([state.valid, torch.ones_like(chunk_pos, dtype=torch.bool)], 1)
+        if self._tracks_share:
+            visible, keep, share = self._decide_per_token(q, keys, positions, state)
+        else:
+            visible = self._visibility(positions, candidates, chunk_pos)  # [B, T, N]
+            # The cache the per-token rule leaves: what the chunk's last query saw.
+            keep = candidates & self._in_window(positions, chunk_pos[:, -1:])
+            share = torch.cat([state.share, state.share.new_zeros(chunk_pos.shape)], dim=1)
+        read = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), visible[:, None]
+        )  # [B, H, T, Dh]
+        slots = {"keys": keys, "values": values, "positions": positions, "share": share}
+        position = state.position + steps
+        return self.out(merge_heads(read)), AttentionState(
+            **next_cache(keep, candidates, slots, position, state.evictions)
+        )
 
     def _forward_call(
         self, x: Tensor, state: AttentionState | None
     ) -> tuple[Tensor, AttentionState]:
         return self.forward(x, state)
-
-    def _fused_chunk(
-        self, q: Tensor, k: Tensor, v: Tensor, chunk_pos: Tensor, state: AttentionState
-    ) -> tuple[Tensor, AttentionState]:
-        """A positional policy at threshold 0: one masked attention over `[cache ; chunk]`."""
-        keys = torch.cat([state.keys, k], dim=1)  # [B, L+T, H, Dh]
-        values = torch.cat([state.values, v], dim=1)
-        fresh = torch.ones_like(chunk_pos, dtype=torch.bool)
-        valid = torch.cat([state.valid, fresh], dim=1)  # [B, L+T]
-        positions = torch.cat([state.positions, chunk_pos], dim=1)
-        visible = self._visibility(positions, valid, chunk_pos)  # [B, T, L+T]
-        read = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), visible[:, None]
-        )  # [B, H, T, Dh]
-        y = self.out(merge_heads(read))
-        # The cache the per-token rule leaves: what the chunk's last query saw.
-        keep = valid & self._in_window(positions, chunk_pos[:, -1:])
-        share = torch.cat([state.share, torch.zeros_like(chunk_pos, dtype=state.share.dtype)], 1)
-        slots = {"keys": keys, "values": values, "positions": positions, "share": share}
-        steps = chunk_pos.shape[1]
-        return y, AttentionState(
-            **next_cache(keep, valid, slots, state.position + steps, state.evictions)
-        )
 
     def _visibility(self, positions: Tensor, valid: Tensor, query_pos: Tensor) -> Tensor:
         """`[B, T, N]` bool: key n (at `positions[:, n]`) is visible to query t."""
@@ -209,33 +202,29 @@ class AttentionLayer(FusedQKVLayer):
             return (key_pos < sinks) | (query_pos - key_pos < window - sinks)
         return query_pos - key_pos < window
 
-    def _step(
-        self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, state: AttentionState
-    ) -> tuple[Tensor, AttentionState]:
-        """One token for every sequence: `q, k, v: [B, H, Dh]`, `pos: [B]` -> read `[B, H, Dh]`.
+    @torch.no_grad()
+    def _decide_per_token(
+        self, q: Tensor, keys: Tensor, positions: Tensor, state: AttentionState
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The policy run token by token over `[cache ; chunk]` (N slots, oldest first): before
+        token t reads, the held entries are narrowed (`_make_room`) and t joins; its
+        head-averaged probabilities update the statistic. Decisions only: no gradient flows
+        through them, so the reads are then one masked attention with these masks.
 
-        Make room (the policy over the cache), join, read over everything held, update the
-        statistic, compact oldest first."""
-        kept = self._make_room(state.valid, state.share, state.positions)  # [B, L]
-        fresh = torch.ones_like(pos[:, None], dtype=torch.bool)
-        valid = torch.cat([kept, fresh], dim=1)  # [B, L+1]
-        keys = torch.cat([state.keys, k[:, None]], dim=1)  # [B, L+1, H, Dh]
-        values = torch.cat([state.values, v[:, None]], dim=1)
-        scores = torch.einsum("bhd,bnhd->bhn", q, keys) / math.sqrt(self.head_dim)
-        probs = scores.masked_fill(~valid[:, None], float("-inf")).softmax(dim=-1)  # [B, H, N]
-        read = torch.einsum("bhn,bnhd->bhd", probs, values)
-        share = torch.cat([state.share, state.share.new_zeros(pos.shape[0], 1)], dim=1)
-        share = self._update_statistic(share, probs.detach().mean(1))
-        slots = {
-            "keys": keys,
-            "values": values,
-            "positions": torch.cat([state.positions, pos[:, None]], dim=1),
-            "share": share,
-        }
-        candidates = torch.cat([state.valid, fresh], dim=1)
-        return read, AttentionState(
-            **next_cache(valid, candidates, slots, state.position + 1, state.evictions)
-        )
+        Returns what each query sees `[B, T, N]`, what is held after the last token `[B, N]`
+        and the statistic `[B, N]`."""
+        cached, steps = state.valid.shape[1], q.shape[1]
+        scores = torch.einsum("bthd,bnhd->bhtn", q, keys) / math.sqrt(self.head_dim)
+        held = F.pad(state.valid, (0, steps))  # [B, N]: the chunk's tokens are not held yet
+        statistic = F.pad(state.share, (0, steps))
+        joins = torch.eye(cached + steps, dtype=torch.bool, device=q.device)[cached:]  # [T, N]
+        seen = []
+        for t in range(steps):
+            held = self._make_room(held, statistic, positions) | joins[t]
+            seen.append(held)
+            probs = scores[:, :, t].masked_fill(~held[:, None], float("-inf")).softmax(-1)
+            statistic = self._update_statistic(statistic, probs.mean(1))  # [B, N]
+        return torch.stack(seen, dim=1), held, statistic
 
     def _update_statistic(self, previous: Tensor, received: Tensor) -> Tensor:
         """Each entry's statistic after one more query gave it `received` (`[B, N]`)."""
