@@ -214,9 +214,13 @@ class AttentionLayer(FusedQKVLayer):
         Returns what each query sees `[B, T, N]`, what is held after the last token `[B, N]`
         and the statistic `[B, N]`."""
         cached, steps = state.valid.shape[1], q.shape[1]
-        scores = torch.einsum("bthd,bnhd->bhtn", q, keys) / math.sqrt(self.head_dim)
+        # In float64, each score summed over the head dimension alone: a decision must not flip
+        # with the rounding of how many queries and keys a call batched (a session's one token
+        # against a whole row's), or a near-tie would make the cut matter.
+        wide_q, wide_k = q.double().transpose(1, 2), keys.double().transpose(1, 2)
+        scores = (wide_q[:, :, :, None] * wide_k[:, :, None]).sum(-1) / math.sqrt(self.head_dim)
         held = F.pad(state.valid, (0, steps))  # [B, N]: the chunk's tokens are not held yet
-        statistic = F.pad(state.share, (0, steps))
+        statistic = F.pad(state.share.double(), (0, steps))
         joins = torch.eye(cached + steps, dtype=torch.bool, device=q.device)[cached:]  # [T, N]
         seen = []
         for t in range(steps):
@@ -224,7 +228,9 @@ class AttentionLayer(FusedQKVLayer):
             seen.append(held)
             probs = scores[:, :, t].masked_fill(~held[:, None], float("-inf")).softmax(-1)
             statistic = self._update_statistic(statistic, probs.mean(1))  # [B, N]
-        return torch.stack(seen, dim=1), held, statistic
+            # Rounded as a state between one-token calls is, so both see the same values.
+            statistic = statistic.to(state.share.dtype).double()
+        return torch.stack(seen, dim=1), held, statistic.to(state.share.dtype)
 
     def _update_statistic(self, previous: Tensor, received: Tensor) -> Tensor:
         """Each entry's statistic after one more query gave it `received` (`[B, N]`)."""

@@ -157,12 +157,16 @@ def test_session_table_bounds_expiry_versions_and_retries():
     assert len(table) == 0 and table.total_bytes == 0
 
 
+@pytest.mark.parametrize("acting", [False, True])
 @pytest.mark.parametrize("kind", list(REGISTRY))
-def test_batched_steps_equal_one_at_a_time_and_survive_encoding(kind):
-    """Sessions of different histories share one pass per length, with the same answers."""
-    config = SequenceModelConfig(
-        vocab_size=64, d_model=32, memory=memory_config({"kind": kind, "memory_size": 8})
-    )
+def test_batched_steps_equal_one_at_a_time_and_survive_encoding(kind, acting):
+    """Sessions of different histories advance in lockstep with the same answers as alone, with
+    the forget threshold off and acting (every memory is chunk invariant at every threshold)."""
+    thresholds = REGISTRY[kind].acting_thresholds(1) if acting else (0.0,)
+    if not thresholds:
+        pytest.skip(f"{kind} has nothing to forget")
+    memory = {"kind": kind, "memory_size": 8, "forget_threshold": thresholds[0]}
+    config = SequenceModelConfig(vocab_size=64, d_model=32, memory=memory_config(memory))
     model = config.build().eval()
     empty = codec.decode(codec.encode(codec.empty(model)), model)
     assert empty.tokens_seen == 0 and empty.next_logits is None
