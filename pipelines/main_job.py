@@ -171,7 +171,8 @@ def _served_accuracy(
         f"accuracy: registered {champion['val_accuracy']:.3f} (validation); served on "
         f"{len(rows)} fresh rows: whole rows (/v1/predict) {_accuracy(predicted, labels):.3f}, "
         f"sessions appending {settings.append_tokens} tokens a request "
-        f"{_accuracy(appended, labels):.3f}"
+        f"{_accuracy(appended, labels):.3f}",
+        soft_wrap=True,
     )
 
 
