@@ -214,11 +214,11 @@ class AttentionLayer(FusedQKVLayer):
         Returns what each query sees `[B, T, N]`, what is held after the last token `[B, N]`
         and the statistic `[B, N]`."""
         cached, steps = state.valid.shape[1], q.shape[1]
-        # In float64, each score summed over the head dimension alone: a decision must not flip
-        # with the rounding of how many queries and keys a call batched (a session's one token
-        # against a whole row's), or a near-tie would make the cut matter.
-        wide_q, wide_k = q.double().transpose(1, 2), keys.double().transpose(1, 2)
-        scores = (wide_q[:, :, :, None] * wide_k[:, :, None]).sum(-1) / math.sqrt(self.head_dim)
+        # In float64: a decision must not flip with the rounding of how many queries and keys a
+        # call batched (a session's one token against a whole row's), or a near-tie would make
+        # the cut matter.
+        scores = torch.einsum("bthd,bnhd->bhtn", q.double(), keys.double())
+        scores = scores / math.sqrt(self.head_dim)  # [B, H, T, N]
         held = F.pad(state.valid, (0, steps))  # [B, N]: the chunk's tokens are not held yet
         statistic = F.pad(state.share.double(), (0, steps))
         joins = torch.eye(cached + steps, dtype=torch.bool, device=q.device)[cached:]  # [T, N]
