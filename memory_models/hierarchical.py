@@ -92,11 +92,11 @@ class HierarchicalLayer(CachedAttentionLayer):
     the same attention, as in `attention.py`). Summary keys carry no rotation (a summary has no
     single position) and are scored against the unrotated query.
 
-    Eviction at the end of each call (see `HierarchicalConfig`). With `forget_threshold == 0` the
-    bank is the newest `memory_size` summaries and the layer is chunk invariant; otherwise the share
-    depends on which queries a call had, and the fast path equals `reference_forward` run on the
-    same chunks. The held summaries and open inputs keep their autograd history; a trainer cuts it
-    with `state.detach()`.
+    Eviction (see `HierarchicalConfig`): with `forget_threshold == 0` the bank is the newest
+    `memory_size` summaries, whatever the calls; otherwise the shares are judged after every
+    token (the layer reads one token per call, `CachedAttentionLayer.forward`), so the layer is
+    chunk invariant either way. The held summaries and open inputs keep their autograd history;
+    a trainer cuts it with `state.detach()`.
 
     Fast path: the open segment and the chunk are laid out block-aligned (`[B, blocks, L]`), so
     in-segment attention is one batched `L x L` causal attention per touched segment; all segments

@@ -47,7 +47,7 @@ class ReformerConfig(MemoryConfig):
     keys only. With `forget_threshold == 0` the cache keeps the newest `memory_size` entries of
     `[cache ; chunk]`, so each query's candidates are its last `memory_size` tokens. With
     `forget_threshold > 0`, entries whose attention share (running max over queries of the
-    head-averaged weight, rounds combined) is under it are evicted at the end of each call, and if
+    head-averaged weight, rounds combined) is under it are evicted after each token, and if
     more than `memory_size` remain, the lowest-share ones go first (ties: newest kept).
 
     `n_hashes` rounds of hashing into `n_buckets` (even) buckets; `chunk_len` is the length of the
@@ -148,10 +148,10 @@ class ReformerLayer(CachedAttentionLayer):
 
     With `forget_threshold == 0` the cache holds the last `memory_size` tokens, so P_i is the last
     `memory_size` tokens and i: a sliding window, LSH-sparse inside, and the layer is chunk
-    invariant. With `forget_threshold > 0` eviction (see `ReformerConfig`) depends on which
-    queries a call had, so the layer is not chunk invariant; the fast path equals
-    `reference_forward` on the same chunks. Cached keys and values keep their autograd history; a
-    trainer cuts it with `state.detach()`.
+    invariant. With `forget_threshold > 0` eviction (see `ReformerConfig`) reads the queries'
+    shares, so it is judged after every token: the layer reads one token per call
+    (`CachedAttentionLayer.forward`) and stays chunk invariant. Cached keys and values keep their
+    autograd history; a trainer cuts it with `state.detach()`.
 
     Fast path: per head and round one argsort by (bucket, position). Query i's c_i keys are the
     c_i sorted slots just before it (a bucket's items are contiguous there) and c_i < 2m, so each

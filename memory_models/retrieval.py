@@ -59,7 +59,7 @@ class RetrievalConfig(MemoryConfig):
     `memory_size` store entries (its `live_entries`) and, beside them, the window's last
     `local_window - 1` tokens.
 
-    `forget_threshold`: at the end of each call, stored entries whose retrieval share is under it
+    `forget_threshold`: after each token, stored entries whose retrieval share is under it
     are evicted, and if more than `memory_size` remain the lowest-share ones go first. An entry's
     share starts at 1 when it enters the store and is multiplied by `share_decay` at every token
     after; a query that retrieves it raises it to the probability the query gave it (the mean over
@@ -135,11 +135,12 @@ class RetrievalLayer(FusedQKVLayer):
 
     The store takes a token when it leaves the local window (see `RetrievalConfig`). Within a
     call a query retrieves from the newest `memory_size` entries held at its step (the store
-    plus the tokens that have left the window by then); at the end of each call the store is
+    plus the tokens that have left the window by then); at the end of the call the store is
     rebuilt from those candidates: FIFO, the newest `memory_size`, at `forget_threshold == 0`,
     else threshold then highest share (ties: newest). At threshold 0 this is exactly a FIFO
-    store updated token by token, so the layer is chunk invariant; with a threshold, eviction
-    happens at call ends and the layer equals `reference_forward` on the same chunks.
+    store updated token by token; with a threshold the layer reads one token per call
+    (`CachedAttentionLayer.forward`), so eviction is judged after every token. Either way the
+    layer is chunk invariant.
 
     Stored entries are a stop-gradient, as in the paper: every key and value the memory branch
     reads is detached, and the state is detached when written. Gradients reach the queries, the

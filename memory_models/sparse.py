@@ -68,7 +68,7 @@ class SparseConfig(MemoryConfig):
     tokens at `forget_threshold == 0`: `strided` min(T, 2l), `fixed` T mod l + min(c * floor(T /
     l), l), `longformer` min(T, l - 1 + n_global) (`SparseLayer.slots`).
 
-    `forget_threshold`: at the end of each call, held keys (window or long-range) whose attention
+    `forget_threshold`: after each token, held keys (window or long-range) whose attention
     share (running max over queries of the head-averaged probability) is under it are dropped.
 
     `summary_len` (c, `fixed` only): the last c positions of every block are its summaries.
@@ -145,9 +145,10 @@ class SparseLayer(FusedQKVLayer):
     dropped. For `strided` the column heads then read i, i - l and i - 2l; for `fixed` the
     summaries of the last l / c blocks; for `longformer` every global (n_global <= l).
 
-    At `forget_threshold == 0` a query's keys depend on its position only, so the layer is chunk
-    invariant. Otherwise, at the end of each call, held keys whose share is under the threshold
-    are dropped (after the cap), and the fast path equals `reference_forward` on the same chunks.
+    At `forget_threshold == 0` a query's keys depend on its position only, so a chunk is one call.
+    Otherwise held keys whose share is under the threshold are dropped (after the cap) after every
+    token: the layer then reads one token per call (`CachedAttentionLayer.forward`), so outputs do
+    not depend on how a stream is cut.
 
     Fast path, block-sparse: the chunk's queries are cut into blocks of l; each block gathers only
     the keys it can reach (the state, the chunk band [block start - l, block end) and the newest l
