@@ -206,6 +206,16 @@ def test_tiny_report_runs_end_to_end_and_logs_to_the_parent_run(ray_local, tmp_p
         "val_accuracy_seq_len_24_num_kv_pairs_4",
     } <= set(trials.columns)  # every test configuration evaluated
     assert trials["mlflow_run_id"].notna().all()
+    # The eviction frontier: the full-attention trial's weights under every policy and budget.
+    assert "## Eviction policies" in report and "![eviction](eviction.png)" in report
+    assert (folder / "eviction.png").read_bytes()[:8] == PNG_MAGIC
+    policies = pd.read_csv(folder / "eviction.csv")
+    assert len(policies) == 1 + 5 * 3  # full, then 5 policies x 3 budgets
+    assert set(policies["policy"]) == {"full", "window", "sinks", "threshold", "h2o", "tova"}
+    assert policies["mlflow_run_id"].nunique() == 1
+    bounded = policies[policies["policy"] != "full"]
+    assert set(bounded["memory_size"]) == {2, 4, 8}  # 1/8, 1/4, 1/2 of the 16-token rows
+    assert (bounded["state_bytes"] < policies["state_bytes"].max()).all()
     forgetting = pd.read_csv(folder / "forgetting_trials.csv")
     linear = forgetting[forgetting["mechanism"] == "linear_attention"]
     assert set(linear["forget_threshold"]) == {0.0}  # it has nothing to forget

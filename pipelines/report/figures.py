@@ -7,6 +7,8 @@
 - `accuracy_by_configuration.png`: a heat map of accuracy per test configuration (columns) for
   every mechanism and state size (rows).
 - `forgetting.png`: a heat map of accuracy per mechanism and forget threshold.
+- `eviction.png`: the full-attention model's accuracy under each eviction policy against its
+  state bytes, beside the sweep's trained memories (`eviction.py`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,29 @@ def frontier(trials: pd.DataFrame, path: Path, title: str) -> Path:
         axis.set_xscale("log")
     axis.set(xlabel="state bytes per sequence (log)", ylabel="validation accuracy")
     axis.set(ylim=(-0.02, 1.02), title=title)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8, loc="lower right")
+    return _save(figure, path)
+
+
+def eviction(policies: pd.DataFrame, trials: pd.DataFrame, path: Path) -> Path:
+    """A curve per eviction policy through its cache budgets, full attention as a star, and the
+    best trial of every other (mechanism, state size) of the sweep in grey for comparison."""
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for policy, group in policies[policies["policy"] != "full"].groupby("policy", sort=False):
+        group = group.sort_values("state_bytes")
+        axis.plot(group["state_bytes"], group[METRIC], marker="o", label=policy)
+    full = policies[policies["policy"] == "full"]
+    axis.scatter(full["state_bytes"], full[METRIC], marker="*", s=160, color="black", zorder=4)
+    axis.scatter([], [], marker="*", s=80, color="black", label="full attention (same weights)")
+    trained = trials.dropna(subset=[METRIC]).groupby(["mechanism", "state_bytes"])[METRIC].max()
+    others = trained.drop("attention", level="mechanism", errors="ignore").reset_index()
+    axis.scatter(others["state_bytes"], others[METRIC], color="grey", s=20, label="trained kinds")
+    for _, point in others.iterrows():
+        axis.annotate(point["mechanism"], (point["state_bytes"], point[METRIC]), fontsize=7)
+    axis.set_xscale("log")
+    axis.set(xlabel="state bytes per sequence (log)", ylabel="accuracy", ylim=(-0.02, 1.02))
+    axis.set(title="eviction policies on the full-attention model, caches of a fraction of a row")
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8, loc="lower right")
     return _save(figure, path)

@@ -10,7 +10,13 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.report.analysis import METRIC, AshaCompute, by_configuration, threshold_effect
+from pipelines.report.analysis import (
+    CONFIG_METRIC,
+    METRIC,
+    AshaCompute,
+    by_configuration,
+    threshold_effect,
+)
 from pipelines.report.collect import SweepTables
 from pipelines.report.scales import ReportScale
 
@@ -66,12 +72,14 @@ def report_markdown(
     forgetting: SweepTables,
     front: pd.DataFrame,
     asha: AshaCompute,
+    eviction: pd.DataFrame,
 ) -> str:
     sections = [
         _title(context),
         _setup(context, frontier, forgetting),
         _frontier(frontier, front),
         _configurations(frontier),
+        _eviction(eviction),
         _forgetting(forgetting),
         _asha(asha, context.scale),
         _trials("Every trial: MQAR", frontier),
@@ -141,6 +149,23 @@ def _configurations(frontier: SweepTables) -> str:
         "![accuracy by configuration](accuracy_by_configuration.png)\n\n"
         "Each trial's best epoch; T is the sequence length, k the key-value pairs "
         "(`accuracy_by_configuration.csv`).\n\n" + table(by_configuration(frontier.trials)) + "\n"
+    )
+
+
+def _eviction(policies: pd.DataFrame) -> str:
+    title = "## Eviction policies: what a bounded cache keeps\n\n"
+    if policies.empty:
+        return title + "No finished full-attention trial with a logged model to evict from.\n"
+    columns = ["policy", "memory_size", "state_bytes", METRIC]
+    columns += [c for c in policies.columns if CONFIG_METRIC.match(c)]
+    return (
+        title + "![eviction](eviction.png)\n\n"
+        "The best full-attention trial's weights (MLflow run "
+        f"`{policies['mlflow_run_id'].iloc[0]}`) scored with every eviction policy at caches "
+        "of a fraction of the longest training row, on fresh rows of the test configurations "
+        "(`eviction.csv`). Scores are whole rows; every memory is chunk invariant, so a served "
+        "session gets the same. The model never trained with a bounded cache: the sweep's own "
+        "bounded trials show what training with one gives.\n\n" + table(policies[columns]) + "\n"
     )
 
 

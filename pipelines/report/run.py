@@ -25,6 +25,7 @@ from pipelines.report.analysis import (
     threshold_effect,
 )
 from pipelines.report.collect import SweepTables, read_sweep
+from pipelines.report.eviction import eviction_frontier
 from pipelines.report.markdown import ReportContext, report_markdown
 from pipelines.report.plan import check_fits, plan, plan_lines
 from pipelines.report.scales import ReportScale, scale
@@ -170,6 +171,9 @@ def write_report(
     trials = frontier.trials.assign(pareto=pareto_front(frontier.trials))
     front = trials[trials["pareto"]].sort_values("state_bytes")
     asha = asha_compute(frontier.trials, frontier.epochs)
+    policies = eviction_frontier(
+        frontier.trials, context.tracking_uri, context.scale.eviction_fractions
+    )
     files = [
         figures.frontier(trials, folder / "frontier.png", _title(context)),
         figures.configuration_heat_map(trials, folder / "accuracy_by_configuration.png"),
@@ -182,8 +186,13 @@ def write_report(
             _csv(threshold_effect(forgetting.trials), folder / "forgetting.csv"),
             _csv(forgetting.trials, folder / "forgetting_trials.csv"),
         ]
+    if not policies.empty:
+        files += [
+            figures.eviction(policies, trials, folder / "eviction.png"),
+            _csv(policies, folder / "eviction.csv"),
+        ]
     report = folder / "report.md"
-    report.write_text(report_markdown(context, frontier, forgetting, front, asha))
+    report.write_text(report_markdown(context, frontier, forgetting, front, asha, policies))
     files.append(report)
     if frontier.parent_run_id:
         _log(context.tracking_uri, frontier.parent_run_id, files)

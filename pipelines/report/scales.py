@@ -80,6 +80,8 @@ class ReportScale(Strict):
     #: `threshold_range` (a share kind's and a decay kind's thresholds act at different values).
     acting_thresholds: int = Field(ge=1)
     forgetting_d_models: tuple[int, ...]
+    #: Cache budgets of the eviction frontier, as fractions of the longest training row.
+    eviction_fractions: tuple[float, ...] = (0.125, 0.25, 0.5)
     #: The forgetting sweep's learning rates; `None`: the same as `learning_rates`.
     forgetting_learning_rates: tuple[float, ...] | None = None
     n_layers: int = 2
