@@ -36,15 +36,16 @@ class StepResult:
 
 @torch.inference_mode()
 def run_steps(model: TokenModel, steps: list[Step]) -> list[StepResult]:
-    """Results in the order of `steps`; one forward per distinct length."""
-    if chunk_invariant(model):
+    """Results in the order of `steps`: in lockstep passes, or one forward per distinct length
+    where a cross memory forgets at call ends."""
+    if _may_run_in_lockstep(model):
         return _lockstep(model, steps)
     return _by_length(model, steps)
 
 
-def chunk_invariant(model: TokenModel) -> bool:
-    """No cross memory forgets at call ends (every self-memory layer is chunk invariant by
-    contract: `memory_models.layer`)."""
+def _may_run_in_lockstep(model: TokenModel) -> bool:
+    """Steps may advance in lockstep: every self-memory layer is chunk invariant by contract
+    (`memory_models.layer`), so only a cross memory that forgets at call ends prevents it."""
     cross = getattr(model.config, "cross_memory", None)
     return cross is None or cross.forget_threshold == 0
 
