@@ -49,6 +49,7 @@ from bench_learning import (
     training_batches,
 )
 
+from memory_models.attention import sinks_for
 from memory_models.model import SequenceModel, SequenceModelConfig
 from memory_models.registry import memory_config
 from pipelines.data import tasks
@@ -184,8 +185,8 @@ def frontier(task_name: str, task: MQARTask, settings: Settings) -> list[Frontie
         for fraction in FRACTIONS:
             budget = round(settings.seq_len * fraction)
             memory = {"kind": "attention", "memory_size": budget, "eviction": policy}
-            if policy == "sinks":  # StreamingLLM's 4 sinks, fewer where the budget is small
-                memory["sinks"] = min(4, max(1, budget // 4))
+            if policy == "sinks":
+                memory["sinks"] = sinks_for(budget)
             model = with_memory(full, memory, settings)
             label = f"attention {policy} {budget}"
             rows.append(measure(task_name, label, policy, budget, model, held_out, settings))

@@ -48,6 +48,12 @@ EvictionPolicy = Literal["window", "sinks", "threshold", "h2o", "tova"]
 POSITIONAL_POLICIES = frozenset({"window", "sinks"})
 
 
+def sinks_for(memory_size: int) -> int:
+    """StreamingLLM's 4 attention sinks, fewer where the cache is small: at most a quarter of
+    it, at least one (a `sinks` policy must leave room for recent tokens)."""
+    return min(4, max(1, memory_size // 4))
+
+
 class AttentionConfig(MemoryConfig):
     """`memory_size` bounds the cache: the most keys any query sees, itself included, and the
     most entries held between tokens. `None` means full context (the cache grows with the

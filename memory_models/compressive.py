@@ -191,6 +191,7 @@ class CompressiveLayer(MemoryLayer):
         self.out = nn.Linear(inner, d_model)
         self.compressor = self._make_compressor(config, d_model)
         self._aux_loss: Tensor | None = None
+        self._aux_parts: list[Tensor] = []  # the losses of the segments the current call closes
 
     @staticmethod
     def _make_compressor(config: CompressiveConfig, d_model: int) -> nn.Conv1d | None:
@@ -257,7 +258,7 @@ class CompressiveLayer(MemoryLayer):
     ) -> tuple[Tensor, CompressiveState]:
         """`call` over the aligned segments; the auxiliary loss is the mean of theirs."""
         state = self._state_or_init(x, state)
-        self._aux_parts: list[Tensor] = []
+        self._aux_parts = []
         y, state = in_segments(call, x, state, self.config.segment_len)
         self._aux_loss = torch.stack(self._aux_parts).mean() if self._aux_parts else None
         return y, state

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from memory_models.cached_attention import CachedAttentionLayer
 from memory_models.common import chunk_positions, require_rotary_heads, rotary
 from memory_models.layer import MemoryConfig
+from memory_models.segments import open_bytes
 from memory_models.slot_cache import (
     compact_slots,
     empty_cache,
@@ -129,12 +130,11 @@ class HierarchicalLayer(CachedAttentionLayer):
         )
 
     def state_size_bytes(self, seq_len: int, dtype: torch.dtype = torch.float32) -> int:
-        value_bytes = torch.finfo(dtype).bits // 8
-        open_bytes = (seq_len % self.segment_len) * self.d_model * value_bytes
+        held_open = open_bytes(seq_len, self.segment_len, self.d_model, dtype)
         slots = min(seq_len // self.segment_len, self.config.memory_size)
         # Per summary: the pooled vector, its segment index, its mask and its share.
         per_slot = slot_bytes(self.d_model, dtype)
-        return open_bytes + slots * per_slot + 2 * 8  # + position and evictions counters
+        return held_open + slots * per_slot + 2 * 8  # + position and evictions counters
 
     def pool(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """HAN attention pooling (eq. 5-7). `inputs: [..., L, D]` -> summary `[..., D]`, weights

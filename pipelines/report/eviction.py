@@ -18,7 +18,7 @@ import mlflow
 import pandas as pd
 import torch
 
-from memory_models.attention import EvictionPolicy
+from memory_models.attention import EvictionPolicy, sinks_for
 from pipelines.checkpoint import load_model
 from pipelines.data import tasks
 from pipelines.experiment import ExperimentConfig, apply_overrides
@@ -48,8 +48,8 @@ def eviction_frontier(
         for fraction in fractions:
             budget = max(2, round(longest * fraction))
             memory = {"eviction": policy, "memory_size": budget}
-            if policy == "sinks":  # StreamingLLM's 4 sinks, fewer where the budget is small
-                memory["sinks"] = min(4, max(1, budget // 4))
+            if policy == "sinks":
+                memory["sinks"] = sinks_for(budget)
             scored.append(_score(model, config, batches, memory) | {"fraction": fraction})
     return pd.DataFrame(scored).assign(mlflow_run_id=run_id)
 
